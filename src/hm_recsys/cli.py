@@ -1,0 +1,56 @@
+"""``hm-recsys``: every pipeline stage as a subcommand.
+
+The dispatcher imports nothing heavy: ``hm-recsys --help`` is instant and a
+command only pays for the libraries it uses. Each stage module exposes
+``main(argv: list[str] | None) -> int`` with its own argparse parser, so its
+options are documented next to the code that uses them.
+
+To add a stage, add one row to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("hm_recsys.data.synthetic:main", "write a synthetic dataset in H&M's exact CSV format (+ oracle)"),
+    "ingest": ("hm_recsys.data.ingest:main", "load H&M CSVs or weekly drops into the Parquet warehouse"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    rows = "\n".join(f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items())
+    return (
+        "usage: hm-recsys <command> [options]\n\n"
+        "Two-tower H&M recommender: every pipeline stage as a command.\n\n"
+        f"commands:\n{rows}\n\n"
+        "Run `hm-recsys <command> --help` for a command's options.\n"
+        "Runtime state lives under $HM_RECSYS_HOME (default ./var)."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from hm_recsys import __version__
+
+        print(f"hm-recsys {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"hm-recsys: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the H&M contract, the synthetic generator, ingestion, validation, the warehouse."""

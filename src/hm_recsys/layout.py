@@ -1,0 +1,116 @@
+"""The one place that knows where things live under the runtime folder.
+
+No other module builds these paths from strings: ask a ``Layout``. Keeping the
+contract here means moving a folder is a one-line change, and tests can point
+a whole run at a temporary directory by building ``Layout(tmp_path)``.
+
+::
+
+    $HM_RECSYS_HOME/
+      data/raw/                       the three H&M CSVs (generated or real Kaggle)
+      data/raw/oracle/                generator-only truth (never mixed into the CSVs)
+      data/incoming/                  weekly transaction drops waiting to be processed
+      data/quarantine/<drop>/         rejected drops, byte for byte, with their reports
+      data/processed/                 accepted drops, kept for audit
+      data/warehouse/
+        articles.parquet
+        customers.parquet
+        transactions/week=YYYY-MM-DD/part-<source>.parquet
+        oracle/                       copy of raw/oracle at ingest time (if present)
+        _drops.json                   ledger of ingested sources by content hash
+      mlflow/                         sqlite DB + artifacts (embedded default)
+      airflow/                        AIRFLOW_HOME (DB, logs)
+      bentoml/                        BENTOML_HOME
+      runs/                           scratch space for stage outputs, keyed by run id
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+
+    # -- data -------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.data_dir / "incoming"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.data_dir / "processed"
+
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.data_dir / "warehouse"
+
+    # -- services ---------------------------------------------------------
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.home / "bentoml"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    def run_dir(self, run_id: str) -> Path:
+        """Scratch folder for one pipeline run (snapshot, checkpoints, index)."""
+        return self.runs_dir / run_id
+
+
+@dataclass(frozen=True)
+class WarehouseLayout:
+    """Paths inside the Parquet warehouse."""
+
+    root: Path
+
+    @property
+    def articles(self) -> Path:
+        return self.root / "articles.parquet"
+
+    @property
+    def customers(self) -> Path:
+        return self.root / "customers.parquet"
+
+    @property
+    def transactions_dir(self) -> Path:
+        return self.root / "transactions"
+
+    @property
+    def oracle_dir(self) -> Path:
+        return self.root / "oracle"
+
+    @property
+    def drops_ledger(self) -> Path:
+        return self.root / "_drops.json"
+
+    def week_dir(self, week_start: dt.date) -> Path:
+        return self.transactions_dir / f"week={week_start.isoformat()}"
+
+    def week_part(self, week_start: dt.date, source: str) -> Path:
+        """One source's rows for one week. ``source`` is ``history`` or ``drop-<sha12>``."""
+        return self.week_dir(week_start) / f"part-{source}.parquet"
