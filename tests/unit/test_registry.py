@@ -18,8 +18,11 @@ def _run(settings: Settings) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_experiment("t")
-    with mlflow.start_run() as r:
+    exp = mlflow.get_experiment_by_name("t")
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+        "t", artifact_location=settings.mlflow_artifact_root.as_uri()
+    )
+    with mlflow.start_run(experiment_id=exp_id) as r:
         mlflow.log_text("stub", "model/MLmodel")
     return r.info.run_id
 
