@@ -88,9 +88,19 @@ class ExactIndex:
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
 
+    # Queries scored per chunk so the (chunk, N) score matrix stays ~256 MiB.
+    _CHUNK_FLOATS = 1 << 26
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = _as_queries(queries, self.dim)
         k = min(int(k), len(self.article_ids))
+        step = max(1, self._CHUNK_FLOATS // len(self.article_ids))
+        if q.shape[0] <= step:
+            return self._search_chunk(q, k)
+        parts = [self._search_chunk(q[s : s + step], k) for s in range(0, q.shape[0], step)]
+        return np.concatenate([r for r, _ in parts]), np.concatenate([s for _, s in parts])
+
+    def _search_chunk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores = q @ self.embeddings.T  # (n, N)
         if k < scores.shape[1]:
             part = np.argpartition(-scores, k - 1, axis=1)[:, :k]

@@ -158,3 +158,12 @@ def test_rejects_bad_embeddings(tmp_path):
         build_index(_ids(100), emb, tmp_path / "i", model_version="1")
     with pytest.raises(ValueError, match="unique"):
         build_index(["a"] * 100, _clustered(100), tmp_path / "i", model_version="1")
+
+
+def test_exact_index_chunked_equals_unchunked(monkeypatch):
+    emb, q = _clustered(700), _clustered(90, seed=4)
+    idx = ExactIndex(_ids(700), emb)
+    whole = idx.search(q, 12)
+    monkeypatch.setattr(ExactIndex, "_CHUNK_FLOATS", 700 * 7)  # 7 queries per chunk
+    chunked = idx.search(q, 12)
+    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
