@@ -166,4 +166,6 @@ def test_exact_index_chunked_equals_unchunked(monkeypatch):
     whole = idx.search(q, 12)
     monkeypatch.setattr(ExactIndex, "_CHUNK_FLOATS", 700 * 7)  # 7 queries per chunk
     chunked = idx.search(q, 12)
-    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
+    assert np.array_equal(whole[0], chunked[0])
+    # BLAS blocks a 7-row batch differently from a 90-row one: last-bit rounding only
+    np.testing.assert_allclose(whole[1], chunked[1], rtol=0, atol=1e-6)
