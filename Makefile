@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 SCALE ?= small
 SEED ?= 42
 
-.PHONY: help setup demo test test-fast bench lock clean distclean
+.PHONY: help setup demo test test-fast bench lock clean distclean airflow mlflow stop status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,18 @@ test-fast: setup  ## unit and data tests only (no services)
 bench: setup  ## benchmarks (figures printed as ratios against in-run baselines)
 	$(BIN)/python bench/ingest.py --scale $(SCALE)
 
+airflow: setup  ## start Airflow (api-server, scheduler, dag-processor, triggerer) on 127.0.0.1:8080
+	scripts/stack.sh start airflow
+
+mlflow: setup  ## start the MLflow UI on 127.0.0.1:5000
+	scripts/stack.sh start mlflow
+
+stop:  ## stop everything `make airflow/mlflow/serve` started (by PID)
+	scripts/stack.sh stop
+
+status:  ## what is running
+	scripts/stack.sh status
+
 lock:  ## re-resolve dependencies and rewrite requirements.lock
 	rm -rf /tmp/hm-recsys-lock && $(PYTHON) -m venv /tmp/hm-recsys-lock
 	/tmp/hm-recsys-lock/bin/pip install --quiet --upgrade pip
@@ -54,7 +66,7 @@ lock:  ## re-resolve dependencies and rewrite requirements.lock
 	{ head -3 requirements.lock; /tmp/hm-recsys-lock/bin/pip freeze --exclude-editable; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
-clean:  ## remove runtime state (var/)
+clean: stop  ## stop services and remove runtime state (var/)
 	rm -rf $(HM_RECSYS_HOME)
 
 distclean: clean  ## also remove the virtualenv

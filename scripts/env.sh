@@ -1,0 +1,32 @@
+# Source me (bash): the environment every hm-recsys process runs with.
+# Sets the runtime folder, Airflow's config, telemetry off, and loads the
+# Airflow secrets, generating them once (mode 600) under the runtime folder.
+# Secrets never live in the repo or in airflow.cfg.
+_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export HM_RECSYS_REPO="$_repo"
+export HM_RECSYS_HOME="${HM_RECSYS_HOME:-$_repo/var}"
+export AIRFLOW_HOME="${AIRFLOW_HOME:-$HM_RECSYS_HOME/airflow}"
+export AIRFLOW_CONFIG="${AIRFLOW_CONFIG:-$_repo/airflow.cfg}"
+export BENTOML_HOME="${BENTOML_HOME:-$HM_RECSYS_HOME/bentoml}"
+export HM_RECSYS_AIRFLOW_PORT="${HM_RECSYS_AIRFLOW_PORT:-8080}"
+export HM_RECSYS_MLFLOW_PORT="${HM_RECSYS_MLFLOW_PORT:-5000}"
+export HM_RECSYS_SERVE_PORT="${HM_RECSYS_SERVE_PORT:-3000}"
+export MLFLOW_DISABLE_TELEMETRY=true BENTOML_DO_NOT_TRACK=true DO_NOT_TRACK=1 GX_ANALYTICS_ENABLED=false
+mkdir -p "$AIRFLOW_HOME"
+_secrets="$AIRFLOW_HOME/secrets.env"
+if [ ! -s "$_secrets" ]; then
+  (
+    umask 077
+    "$_repo/.venv/bin/python" - > "$_secrets" <<'PY'
+import base64, secrets
+print(f"AIRFLOW__API_AUTH__JWT_SECRET={secrets.token_urlsafe(64)}")
+print(f"AIRFLOW__API__SECRET_KEY={secrets.token_urlsafe(32)}")
+print(f"AIRFLOW__CORE__FERNET_KEY={base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}")
+PY
+  )
+fi
+set -a
+# shellcheck disable=SC1090
+. "$_secrets"
+set +a
+unset _repo _secrets
