@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +36,21 @@ HISTORY_TAG = "champion_history"
 IDEMPOTENCY_TAG = "idempotency_key"
 
 
+BUNDLE_ARTIFACT = "bundle"  # run artifact path of the model bundle
+INDEX_ARTIFACT = "index"  # run artifact path of the version's ScaNN index
+
+
 class RegistryError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    """A registered version materialised on local disk: everything serving needs."""
+
+    version: str
+    bundle_dir: Path
+    index_dir: Path
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,40 @@ class Registry:
         if prev is not None and (len(history) < 2 or history[-2] != prev):
             raise RegistryError(f"previous-champion {prev} disagrees with history {history}")
         return aliases
+
+    def fetch(self, version: str | int) -> VersionFiles:
+        """Local ``bundle/`` and ``index/`` of a version, downloaded from its MLflow run once.
+
+        The run's artifacts ``bundle/`` and ``index/`` are the source of truth;
+        the copy under ``models/<version>/`` is a cache, written to a temporary
+        folder and renamed, so a half-finished download is never used. The index
+        manifest's model version is checked against ``version``.
+        """
+        import mlflow
+
+        from hm_recsys.index import verify_index
+
+        mv = self.version(version)
+        if mv.run_id is None:
+            raise RegistryError(f"version {mv.version} has no MLflow run to fetch artifacts from")
+        root = self.settings.layout.model_dir(mv.version)
+        if not (root / "bundle").is_dir() or not (root / "index").is_dir():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}.", dir=root.parent))
+            try:
+                for art in (BUNDLE_ARTIFACT, INDEX_ARTIFACT):
+                    mlflow.artifacts.download_artifacts(
+                        run_id=mv.run_id, artifact_path=art, dst_path=str(tmp),
+                        tracking_uri=self.settings.mlflow_tracking_uri,
+                    )
+                if root.exists():
+                    shutil.rmtree(root)
+                os.replace(tmp, root)
+            except Exception as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RegistryError(f"cannot fetch version {mv.version} (run {mv.run_id}): {e}") from e
+        verify_index(root / "index", expected_model_version=mv.version)
+        return VersionFiles(mv.version, root / "bundle", root / "index")
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
