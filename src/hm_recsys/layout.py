@@ -12,16 +12,20 @@ a whole run at a temporary directory by building ``Layout(tmp_path)``.
       data/incoming/                  weekly transaction drops waiting to be processed
       data/quarantine/<drop>/         rejected drops, byte for byte, with their reports
       data/processed/                 accepted drops, kept for audit
+      data/validation/history/        report of the last validation of the initial history
       data/warehouse/
         articles.parquet
         customers.parquet
         transactions/week=YYYY-MM-DD/part-<source>.parquet
         oracle/                       copy of raw/oracle at ingest time (if present)
         _drops.json                   ledger of ingested sources by content hash
+        _commit.json                  rename journal of an ingest being committed (roll-forward on crash)
+        _ingest.lock                  flock held by a running ingest
       mlflow/                         sqlite DB + artifacts (embedded default)
       airflow/                        AIRFLOW_HOME (DB, logs)
       bentoml/                        BENTOML_HOME
       runs/                           scratch space for stage outputs, keyed by run id
+      models/<version>/{bundle,index} local copies of registered versions (fetched from MLflow)
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ class Layout:
     def warehouse_dir(self) -> Path:
         return self.data_dir / "warehouse"
 
+    @property
+    def validation_dir(self) -> Path:
+        """Reports of ``hm-recsys validate --history`` (``history/report.json`` + ``data_docs/``)."""
+        return self.data_dir / "validation"
+
     # -- services ---------------------------------------------------------
     @property
     def mlflow_dir(self) -> Path:
@@ -77,9 +86,25 @@ class Layout:
     def runs_dir(self) -> Path:
         return self.home / "runs"
 
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def model_dir(self, version: str) -> Path:
+        """Local copy of one registered version: ``bundle/`` and ``index/``."""
+        return self.models_dir / str(version)
+
     def run_dir(self, run_id: str) -> Path:
         """Scratch folder for one pipeline run (snapshot, checkpoints, index)."""
         return self.runs_dir / run_id
+
+    def bundle_dir(self, run_id: str) -> Path:
+        """The trained-model bundle of an MLflow training run (see ``hm_recsys.bundle``)."""
+        return self.run_dir(run_id) / "bundle"
+
+    def train_scratch_dir(self, run_id: str) -> Path:
+        """Weekly training shards of a run; deleted when training ends."""
+        return self.run_dir(run_id) / "train-shards"
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,16 @@ class WarehouseLayout:
     @property
     def drops_ledger(self) -> Path:
         return self.root / "_drops.json"
+
+    @property
+    def commit_journal(self) -> Path:
+        """Present only while an ingest commits (or after it crashed mid-commit): its rename list."""
+        return self.root / "_commit.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """``flock``-ed by every ingest so two writers never interleave."""
+        return self.root / "_ingest.lock"
 
     def week_dir(self, week_start: dt.date) -> Path:
         return self.transactions_dir / f"week={week_start.isoformat()}"

@@ -21,6 +21,11 @@ Articles: ``article_id``/``product_code``/``colour_group_code`` strings, the
 with nulls. Customers: ``FN``/``Active`` float32 (1.0 or NaN), ``age`` nullable
 UInt8, the status columns as strings that keep the literal "None" apart from
 the empty string.
+
+Consistency: ingestion makes a batch of files visible through a rename
+journal (``_commit.json``). While one is present a commit is half applied
+(it crashed): every read raises ``WarehouseInterrupted`` until the next
+``hm-recsys ingest`` rolls it forward.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ class WarehouseEmpty(RuntimeError):
     """The warehouse has no transactions yet: run ``hm-recsys ingest`` first."""
 
 
+class WarehouseInterrupted(RuntimeError):
+    """An ingest crashed while committing; the files are a mix of before and after."""
+
+
 class Warehouse:
     def __init__(self, root: Path | str):
         self.paths = WarehouseLayout(Path(root))
@@ -45,6 +54,21 @@ class Warehouse:
     def root(self) -> Path:
         return self.paths.root
 
+    def _check_committed(self) -> None:
+        if self.paths.commit_journal.exists():
+            raise WarehouseInterrupted(
+                f"{self.paths.root}: an ingest was interrupted while committing "
+                f"({self.paths.commit_journal.name} present); run any `hm-recsys ingest` to finish it"
+            )
+
+    def drops(self) -> dict[str, dict]:
+        """The drops ledger ``{sha256: {"source", "rows", "weeks", "parts", "ingested_at"}}``, in ingestion order."""
+        import json
+
+        self._check_committed()
+        ledger = self.paths.drops_ledger
+        return json.loads(ledger.read_text(encoding="utf-8")) if ledger.exists() else {}
+
     # -- partitions ---------------------------------------------------------
     def weeks(self) -> list[dt.date]:
         """Sorted week labels (Wednesdays) that have at least one committed part file.
@@ -52,6 +76,7 @@ class Warehouse:
         Temporary files from an interrupted write (``*.tmp``) are not parts
         and are never visible here.
         """
+        self._check_committed()
         tdir = self.paths.transactions_dir
         if not tdir.exists():
             return []
@@ -62,6 +87,7 @@ class Warehouse:
         return sorted(out)
 
     def part_files(self, week: dt.date) -> list[Path]:
+        self._check_committed()
         return sorted(self.paths.week_dir(week).glob("part-*.parquet"))
 
     def last_date(self) -> dt.date:
@@ -127,22 +153,30 @@ class Warehouse:
                 continue
             tables = [pq.read_table(f, columns=read_cols) for f in self.part_files(week)]
             table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-            df = table.to_pandas()
-            t = pd.to_datetime(df["t_dat"])
+            # date32 would come back as Python date objects; the documented dtype is datetime64[s].
+            df = table.to_pandas(date_as_object=False)
+            df["t_dat"] = df["t_dat"].astype("datetime64[s]")
+            t = df["t_dat"]
             df = df[(t >= pd.Timestamp(start)) & (t < pd.Timestamp(end))]
             if cols is not None:
                 df = df[cols]
             yield week, df.reset_index(drop=True)
 
     def articles(self):
-        import pandas as pd
+        """One row per article (105,542 on the real data); types as in the module doc."""
+        import pyarrow.parquet as pq
 
-        return pd.read_parquet(self.paths.articles)
+        self._check_committed()
+        return pq.read_table(self.paths.articles).to_pandas()
 
     def customers(self):
+        """One row per customer; ``age`` as nullable UInt8 (Arrow's default would turn it into float64)."""
         import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        return pd.read_parquet(self.paths.customers)
+        self._check_committed()
+        return pq.read_table(self.paths.customers).to_pandas(types_mapper={pa.uint8(): pd.UInt8Dtype()}.get)
 
     def _empty_transactions(self, columns):
         import pandas as pd
