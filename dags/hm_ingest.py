@@ -52,7 +52,7 @@ def hm_ingest():
 
     @task(outlets=[TRANSACTIONS], doc_md="Announce new data (Asset event).")
     def publish(outcomes: list[dict]) -> list[str]:
-        return [o["drop"] for o in outcomes if o["status"] == "accepted"]
+        return [o["file"] for o in outcomes if o["status"] == "accepted"]
 
     @task(doc_md="Fail the run if any drop was quarantined.")
     def fail_on_rejects(outcomes: list[dict]) -> None:

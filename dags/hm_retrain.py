@@ -19,6 +19,7 @@ week defaults to the last complete week in the warehouse.
 
 | task | reads | writes / returns (XCom: ids and paths only) |
 |---|---|---|
+| `validate_incoming` | `var/data/incoming/` | pending drops validated (Great Expectations) and ingested, or quarantined: a rejected drop fails the run here, before any training |
 | `check_data` | warehouse | the split (train / valid / holdout weeks); fails if weeks are missing |
 | `build_snapshot` | warehouse | a frozen, hard-linked copy of exactly the split's partitions under `var/runs/<run>/snapshot`, and its content hash |
 | `train` | snapshot | an MLflow run (params, per-epoch metrics, plots, model) and the model bundle path; a retry reuses a finished run |
@@ -32,7 +33,7 @@ week defaults to the last complete week in the warehouse.
 
 **Params**: `train_weeks`, `epochs`, `gate_margin` (relative Recall@12 lift the
 challenger must show), `holdout_week` (YYYY-MM-DD, any day of the week),
-`overrides` (model config `key=value` lines), `force_promote` + `force_reason`
+`overrides` (model config `section.key=value` lines, e.g. `train.temperature=0.1`), `force_promote` + `force_reason`
 (a reason is required; it is recorded on the version).
 """
 
@@ -61,7 +62,7 @@ challenger must show), `holdout_week` (YYYY-MM-DD, any day of the week),
         "holdout_week": Param(None, type=["null", "string"], format="date", title="Holdout week",
                               description="Any day of the H&M week to score on. Empty: last complete week."),
         "overrides": Param([], type="array", items={"type": "string"}, title="Config overrides",
-                           description="Model config overrides, one key=value per line (e.g. temperature=0.5)."),
+                           description="Model config overrides, one section.key=value per line (e.g. train.temperature=0.1)."),
         "force_promote": Param(False, type="boolean", title="Force promote",
                                description="Promote even if the gate says no. Requires a reason."),
         "force_reason": Param(None, type=["null", "string"], title="Force reason",
@@ -69,6 +70,15 @@ challenger must show), `holdout_week` (YYYY-MM-DD, any day of the week),
     },
 )
 def hm_retrain():
+    @task(retries=0, doc_md="Take in pending drops (validate, ingest or quarantine); fail on any reject.")
+    def validate_incoming() -> list[dict]:
+        from hm_recsys import pipeline
+
+        ctx = get_current_context()
+        outcomes = pipeline.process_drops(run_id=ctx["run_id"], run_date=pipeline.run_date(ctx))
+        pipeline.fail_on_rejects(outcomes)
+        return outcomes
+
     @task(doc_md="Derive and check the split; fail before any training if data is missing.")
     def check_data() -> dict:
         from hm_recsys import pipeline
@@ -137,7 +147,9 @@ def hm_retrain():
 
         return pipeline.report(decision)
 
-    decision = evaluate(build_index(register(train(build_snapshot(check_data())))))
+    checked = check_data()
+    validate_incoming() >> checked
+    decision = evaluate(build_index(register(train(build_snapshot(checked)))))
     promoted = promote(decision)
     kept = keep_champion(decision)
     gate(decision) >> [promoted, kept]

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,6 +145,224 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
     return out
 
 
+# -- train ---------------------------------------------------------------------------
+def _overrides(params: Mapping) -> list[str]:
+    out = [str(o).strip() for o in (params.get("overrides") or []) if str(o).strip()]
+    if params.get("epochs"):
+        out.append(f"train.epochs={int(params['epochs'])}")
+    return out
+
+
+def _finished_run(settings: Settings, run_id: str):
+    """The finished MLflow training run an earlier attempt of this pipeline run made, if any."""
+    import mlflow
+
+    from hm_recsys import tracking
+
+    exp_id = tracking.configure(settings)
+    runs = mlflow.search_runs(
+        experiment_ids=[exp_id],
+        filter_string=f"tags.airflow_run_id = '{run_id}' and attributes.status = 'FINISHED'",
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+def train(snapshot: Mapping, params: Mapping, run_id: str, settings: Settings | None = None,
+          progress: bool = False) -> dict:
+    """Train on the snapshot and log the run; a retry reuses a finished run of the same pipeline run."""
+    import mlflow
+
+    from hm_recsys import train as training
+    from hm_recsys.registry import BUNDLE_ARTIFACT
+
+    settings = settings or Settings.from_env()
+    split = Split.from_dict(snapshot["split"])
+    done = _finished_run(settings, run_id)
+    if done is not None:
+        mlflow_run_id = done.info.run_id
+        bundle_dir = settings.layout.bundle_dir(mlflow_run_id)
+        print(f"reusing finished MLflow run {mlflow_run_id} of this pipeline run")
+        model_uri = done.data.tags.get("model_uri", "")
+    else:
+        config = training.load_config(params.get("config"), overrides=_overrides(params))
+        result = training.run_training(
+            settings, config, split=split, run_name=f"retrain {run_key(run_id)}",
+            tags={"airflow_run_id": run_id, "snapshot_sha256": snapshot["data_hash"]},
+            progress=progress, warehouse=snapshot["warehouse"],
+        )
+        print(result.table)
+        mlflow_run_id, bundle_dir, model_uri = result.run_id, result.bundle_dir, result.model_uri
+        with mlflow.start_run(run_id=mlflow_run_id):
+            # The bundle also as a plain run artifact: what Registry.fetch downloads for serving.
+            mlflow.log_artifacts(str(bundle_dir), BUNDLE_ARTIFACT)
+            mlflow.set_tag("model_uri", model_uri)
+    return {
+        "mlflow_run_id": mlflow_run_id,
+        "bundle_dir": str(bundle_dir),
+        "model_uri": model_uri,
+        "split": split.to_dict(),
+        "warehouse": snapshot["warehouse"],
+        "data_hash": snapshot["data_hash"],
+    }
+
+
+# -- register ------------------------------------------------------------------------
+def register(trained: Mapping, run_id: str, settings: Settings | None = None) -> dict:
+    """Register the run's model (alias challenger); the Airflow run id makes it idempotent."""
+    from hm_recsys.registry import Registry
+
+    reg = Registry(settings)
+    split = Split.from_dict(trained["split"])
+    v = reg.register(
+        trained["mlflow_run_id"],
+        model_uri=trained.get("model_uri") or None,
+        idempotency_key=run_id,
+        tags={
+            "airflow_run_id": run_id,
+            "data_window": split.describe(),
+            "holdout_start": split.holdout_start.isoformat(),
+            "data_sha256": trained["data_hash"],
+            "bundle_artifact": "bundle",
+        },
+    )
+    print(f"registered {reg.name} version {v.version} (alias challenger) from run {trained['mlflow_run_id']}")
+    return {**trained, "version": v.version}
+
+
+# -- build_index -----------------------------------------------------------------------
+def build_index(registered: Mapping, run_id: str, settings: Settings | None = None,
+                min_recall: float = 0.98) -> dict:
+    """Build the version's ScaNN index, log it with the version's run, cache both locally."""
+    import mlflow
+
+    from hm_recsys import bundle, evaluate
+    from hm_recsys.index import IndexFailure, build_index as build, verify_index
+    from hm_recsys.registry import INDEX_ARTIFACT, Registry
+
+    settings = settings or Settings.from_env()
+    reg = Registry(settings)
+    version = str(registered["version"])
+    local = settings.layout.model_dir(version)
+    index_dir = local / "index"
+    try:
+        manifest = verify_index(index_dir, expected_model_version=version)
+        print(f"index for version {version} already built and verified")
+    except IndexFailure:
+        rec = bundle.load(registered["bundle_dir"])
+        split = Split.from_dict(registered["split"])
+        truth = evaluate.holdout_truth(Warehouse(registered["warehouse"]), split)
+        queries = rec.customer_embeddings(list(truth.customer_ids))
+        manifest = build(rec.article_ids, rec.article_embeddings(), index_dir, model_version=version,
+                         eval_queries=queries, min_recall=min_recall)
+        print(f"index: {manifest.n_articles:,} articles, recall@12 vs exact {manifest.recall_at_12_vs_exact:.4f}")
+    if not (local / "bundle").exists():
+        shutil.copytree(registered["bundle_dir"], local / "bundle")
+    with mlflow.start_run(run_id=registered["mlflow_run_id"]):
+        mlflow.log_artifacts(str(index_dir), INDEX_ARTIFACT)
+        mlflow.log_metric("index_recall_at_12_vs_exact", manifest.recall_at_12_vs_exact)
+    reg.tag(version, {"index_recall_at_12_vs_exact": manifest.recall_at_12_vs_exact,
+                      "index_sha256": manifest.embedding_sha256, "index_artifact": INDEX_ARTIFACT})
+    return {**registered, "index_dir": str(index_dir), "index_recall": manifest.recall_at_12_vs_exact}
+
+
+# -- evaluate (the gate) -------------------------------------------------------------------
+def _served_predictions(bundle_dir: Path, index_dir: Path, version: str, warehouse: Warehouse, split: Split,
+                        customers: list[str], k: int = 100) -> dict[str, list[str]]:
+    """Rankings exactly as serving would produce them: bundle -> customer tower -> the version's index.
+
+    Customer histories are replayed up to the holdout start, so an older
+    champion sees the same information as the challenger.
+    """
+    from hm_recsys import bundle, evaluate
+    from hm_recsys.index import load_index
+
+    rec = bundle.load(bundle_dir)
+    if rec.as_of != split.holdout_start:
+        rec = rec.with_history(warehouse, split.holdout_start, progress=False)
+    index, _ = load_index(index_dir, expected_model_version=version, expected_dim=rec.dim)
+    rows, _ = index.search(rec.customer_embeddings(customers), k)
+    return evaluate.predictions_from_index(customers, index.article_ids, rows)
+
+
+def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, settings: Settings | None = None) -> dict:
+    """Challenger vs champion vs popularity (vs oracle) on the same holdout; record the gate's decision."""
+    import mlflow
+
+    from hm_recsys import evaluate as ev
+    from hm_recsys.gate import GateConfig, decide
+    from hm_recsys.registry import CHAMPION, Registry
+
+    settings = settings or Settings.from_env()
+    reg = Registry(settings)
+    version = str(indexed["version"])
+    split = Split.from_dict(indexed["split"])
+    wh = Warehouse(indexed["warehouse"])
+    truth = ev.holdout_truth(wh, split)
+    customers = list(truth.customer_ids)
+
+    models: dict[str, dict[str, list[str]]] = {
+        f"challenger v{version}": _served_predictions(Path(indexed["bundle_dir"]), Path(indexed["index_dir"]),
+                                                      version, wh, split, customers),
+    }
+    champion = reg.get(CHAMPION)
+    if champion is not None and champion.version != version:
+        files = reg.fetch(champion.version)
+        models[f"champion v{champion.version}"] = _served_predictions(
+            files.bundle_dir, files.index_dir, champion.version, wh, split, customers)
+    else:
+        champion = None
+    models.update(ev.baselines_for_split(wh, split, k=100, customers=customers, progress=False))
+    catalogue = ev.warehouse_catalogue_size(wh)
+    results, _ = ev.score_all(models, truth, catalogue_size=catalogue, max_k=100)
+
+    per = {name: ev.per_customer_metrics(models[name], truth, k=12).recall for name in models}
+    force = (params.get("force_reason") or "").strip() if params.get("force_promote") else None
+    decision = decide(
+        per[f"challenger v{version}"],
+        per[f"champion v{champion.version}"] if champion else None,
+        popularity_recall=results[ev.POPULARITY]["recall@12"],
+        config=GateConfig(min_lift=float(params.get("gate_margin", GateConfig.min_lift))),
+        force_reason=force,
+    )
+    week = f"{split.holdout_start}..{split.holdout_end - dt.timedelta(days=1)}"
+    table = ev.comparison_table(results, title=f"gate on holdout week {week}: {len(truth):,} scored customers, "
+                                                "models served through their ScaNN indexes")
+    print(table)
+    print(f"gate decision: {decision.reason}")
+
+    reg.tag(version, {**decision.as_tags(), "gate.champion_version": champion.version if champion else "",
+                      "gate.holdout_week": split.holdout_start.isoformat()})
+    with mlflow.start_run(run_id=indexed["mlflow_run_id"]) as run:
+        for name, res in results.items():
+            key = "challenger" if name.startswith("challenger") else "champion" if name.startswith("champion") else name
+            for metric in ("recall@12", "recall@100", "map@12"):
+                mlflow.log_metric(f"gate.{key.replace('+', '_')}.{metric.replace('@', '_at_')}", res[metric])
+        mlflow.set_tags({"gate.decision": "promote" if decision.promote else "keep", "gate.reason": decision.reason})
+        mlflow.log_text(table + "\n\n" + decision.reason + "\n", "gate/comparison.txt")
+        experiment_id = run.info.experiment_id
+    return {
+        "version": version,
+        "promote": decision.promote,
+        "reason": decision.reason,
+        "champion_version": champion.version if champion else None,
+        "challenger_recall": decision.challenger_recall,
+        "champion_recall": decision.champion_recall,
+        "popularity_recall": decision.popularity_recall,
+        "mlflow_run_id": indexed["mlflow_run_id"],
+        "experiment_id": experiment_id,
+        "table": table,
+    }
+
+
+# -- deploy ---------------------------------------------------------------------------
+def deploy(promoted: Mapping, settings: Settings | None = None) -> dict:
+    """Build the Bento for the new champion and switch a running service to it."""
+    from hm_recsys import deploy as deployment
+
+    return deployment.deploy(str(promoted["version"]), settings or Settings.from_env())
+
+
 # -- promote / keep / report ---------------------------------------------------------
 def promote(decision: Mapping, settings: Settings | None = None) -> dict:
     """Move ``champion`` to the decided version; idempotent (a retry finds it done)."""
@@ -171,3 +390,111 @@ def report(decision: Mapping) -> dict:
     ui = os.environ.get("HM_RECSYS_MLFLOW_UI", "http://127.0.0.1:5000")
     print(f"MLflow run: {ui}/#/experiments/{decision.get('experiment_id', '')}/runs/{decision.get('mlflow_run_id', '')}")
     return {"version": decision["version"], "promote": decision["promote"], "reason": decision["reason"]}
+
+
+# -- the same flow without Airflow -------------------------------------------------------
+def retrain(params: Mapping, run_id: str, deploy_after: bool = True, progress: bool = True) -> dict:
+    """check -> snapshot -> train -> register -> index -> gate -> promote (+ deploy) or keep."""
+    checked = check_data(params, run_id)
+    snap = build_snapshot(checked, run_id)
+    indexed = build_index(register(train(snap, params, run_id, progress=progress), run_id), run_id)
+    decision = evaluate(indexed, params, run_id)
+    if decision["promote"]:
+        promoted = promote(decision)
+        if deploy_after:
+            deploy(promoted)
+    else:
+        keep_champion(decision)
+    return decision
+
+
+def _common_gate_args(p) -> None:
+    p.add_argument("--gate-margin", type=float, default=0.02,
+                   help="relative Recall@12 lift over the champion needed to promote (default 0.02)")
+    p.add_argument("--force-reason", help="promote whatever the gate says, recording this reason")
+
+
+def retrain_main(argv: list[str] | None = None) -> int:
+    """``hm-recsys retrain``: the retraining DAG's flow as one command."""
+    import argparse
+    import uuid
+
+    p = argparse.ArgumentParser(prog="hm-recsys retrain", description=retrain.__doc__)
+    p.add_argument("--train-weeks", type=int, default=12)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--holdout-week", help="YYYY-MM-DD, any day of the week (default: last complete week)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="model config override (repeatable), e.g. --set train.temperature=0.5")
+    p.add_argument("--run-id", help="idempotency key: rerunning with the same id reuses finished steps "
+                                    "(default: a new id)")
+    p.add_argument("--no-deploy", action="store_true", help="promote without building/deploying a Bento")
+    _common_gate_args(p)
+    a = p.parse_args(argv)
+    params = {"train_weeks": a.train_weeks, "epochs": a.epochs, "holdout_week": a.holdout_week,
+              "overrides": a.overrides, "gate_margin": a.gate_margin,
+              "force_promote": a.force_reason is not None, "force_reason": a.force_reason}
+    try:
+        decision = retrain(params, a.run_id or f"cli-{uuid.uuid4().hex[:12]}", deploy_after=not a.no_deploy)
+    except PipelineError as e:
+        print(f"hm-recsys retrain: {e}", file=sys.stderr)
+        return 1
+    return 0 if decision["promote"] else 3  # 3: trained fine, the gate kept the champion
+
+
+def promote_main(argv: list[str] | None = None) -> int:
+    """``hm-recsys promote --version V --reason TEXT``: manual promotion (bypasses the gate, recorded)."""
+    import argparse
+
+    from hm_recsys.registry import Registry
+
+    p = argparse.ArgumentParser(prog="hm-recsys promote", description=promote_main.__doc__)
+    p.add_argument("--version", required=True)
+    p.add_argument("--reason", required=True, help="why this version is promoted by hand (recorded as a tag)")
+    a = p.parse_args(argv)
+    reg = Registry()
+    aliases = reg.promote(a.version)
+    reg.tag(a.version, {"promoted": "true", "gate.forced": "True", "gate.reason": f"manual: {a.reason}"})
+    print(json.dumps(aliases))
+    return 0
+
+
+def rollback_main(argv: list[str] | None = None) -> int:
+    """``hm-recsys rollback``: make the previous champion the champion again."""
+    import argparse
+
+    from hm_recsys.registry import Registry, RegistryError
+
+    p = argparse.ArgumentParser(prog="hm-recsys rollback", description=rollback_main.__doc__)
+    p.add_argument("--deploy", action="store_true", help="also switch a running service to it")
+    a = p.parse_args(argv)
+    try:
+        aliases = Registry().rollback()
+    except RegistryError as e:
+        print(f"hm-recsys rollback: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(aliases))
+    if a.deploy:
+        deploy({"version": aliases["champion"]})
+    return 0
+
+
+# -- incoming drops (the ingestion DAG) -----------------------------------------------------
+def process_drops(run_id: str, run_date: dt.date) -> list[dict]:
+    """Validate every incoming drop; ingest the accepted, quarantine the rejected. One outcome per drop."""
+    from hm_recsys.data.drops import validate_incoming
+
+    result = validate_incoming(run_date)
+    for d in result["drops"]:
+        print(f"{d['status'].upper():8} {d['file']}: {d['summary']}")
+    if not result["drops"]:
+        print("no drops in the incoming folder")
+    keep = ("file", "sha256", "week", "status", "rows", "ingest", "moved_to", "quarantine", "report", "summary")
+    return [{k: d.get(k) for k in keep} for d in result["drops"]]
+
+
+def fail_on_rejects(outcomes: list[Mapping]) -> None:
+    """Raise, naming each quarantined drop and why, if any drop was rejected."""
+    rejected = [o for o in outcomes if o["status"] == "rejected"]
+    if rejected:
+        lines = "\n".join(f"- {o['file']} -> {o['quarantine']}: {o['summary']}" for o in rejected)
+        raise PipelineError(f"{len(rejected)} drop(s) rejected and quarantined:\n{lines}")

@@ -62,6 +62,7 @@ def _edges(dag) -> set[tuple[str, str]]:
 def test_retrain_graph(dags):
     dag = dags["hm_retrain"]
     assert _edges(dag) == {
+        ("validate_incoming", "check_data"),
         ("check_data", "build_snapshot"),
         ("build_snapshot", "train"),
         ("train", "register"),
@@ -79,7 +80,8 @@ def test_retrain_graph(dags):
     }
     assert dag.max_active_runs == 1 and not dag.catchup
     assert dag.task_dict["report"].trigger_rule == "none_failed_min_one_success"
-    assert all(t.retries >= 1 for t in dag.tasks)
+    # validation failures are data problems, not transient: no retry
+    assert all(t.retries >= 1 for t in dag.tasks if t.task_id != "validate_incoming")
     assert dag.doc_md and all(t.doc_md for t in dag.tasks)
 
 
