@@ -9,8 +9,9 @@
   restores).
 * Promotion and rollback hold a lock so concurrent promoters serialize, and
   read the aliases back to verify. The lock is a file under the runtime folder
-  (one host: CLI, LocalExecutor); in the distributed setup the DAG's promotion
-  task also runs in an Airflow pool with one slot (see docs/registry.md).
+  (one host: CLI, LocalExecutor, containers sharing a host). Across hosts,
+  ``hm_retrain``'s ``max_active_runs=1`` keeps one promoter at a time; see
+  docs/registry.md for a one-slot pool if promotions also come from elsewhere.
 * The champion history is kept as a JSON list in the registered model's tag
   ``champion_history`` so a rollback knows what came before.
 """
