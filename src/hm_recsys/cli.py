@@ -17,6 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("hm_recsys.data.synthetic:main", "write a synthetic dataset in H&M's exact CSV format (+ oracle)"),
     "ingest": ("hm_recsys.data.ingest:main", "load H&M CSVs or weekly drops into the Parquet warehouse"),
+    "validate": ("hm_recsys.data.drops:main", "validate drops or the initial history with Great Expectations; quarantine rejects"),
 }
 
 

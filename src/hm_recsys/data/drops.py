@@ -1,0 +1,439 @@
+"""A drop's life: validate, then ingest (accepted) or quarantine (rejected); ``hm-recsys validate``.
+
+For every ``*.csv`` in the incoming folder, oldest first (the order
+``hm_recsys.data.ingest.process_incoming`` uses; this module is its
+validation hook):
+
+* **accepted** -> ``ingest_drop`` (one part per week, idempotent by sha256) and
+  moved to ``processed/``;
+* **rejected** -> moved byte for byte to ``quarantine/<stem>-<sha12>/`` next to
+  ``report.json`` (which checks failed, counts, example rows with line
+  numbers) and ``data_docs/`` (GX Data Docs HTML). The command exits 1 and
+  prints a one-paragraph summary per rejected drop on stderr.
+
+Nothing is lost, and a file sent again is recognised:
+
+* a *fixed* file has new bytes, so it is validated afresh (and accepted);
+* the *same bad* bytes sent again are recognised by their sha256 in the
+  quarantine. They are validated again (a verdict can depend on the name, the
+  run date and the warehouse: a week sent before it ended passes once it
+  has), and if rejected again the extra copy is removed (quarantine holds
+  identical bytes) and the resubmission logged in that ``report.json``;
+* the same *good* bytes sent again are rejected as ``duplicate_drop`` (they
+  would double the week), except when they are the file this very process
+  ingested before a crash stopped it from moving it to ``processed/``; then
+  the move is simply completed.
+
+The outcome per drop is a small JSON-able dict of ids and paths (for XCom),
+never data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hm_recsys.data.validate import (
+    FAILED,
+    CheckResult,
+    DropReport,
+    GxRunner,
+    ValidationConfig,
+    ValidationSetupError,
+    to_json,
+    validate_drop,
+    validate_history,
+    write_report,
+)
+
+__all__ = ["DropsRejected", "find_quarantined", "main", "process_incoming", "quarantine", "validate_incoming"]
+
+
+class DropsRejected(RuntimeError):
+    """At least one drop was rejected; ``.result`` is what ``process_incoming`` returned."""
+
+    def __init__(self, result: dict):
+        self.result = result
+        lines = [d["summary"] for d in result["drops"] if d["status"] == "rejected"]
+        super().__init__(f"{len(lines)} drop(s) rejected:\n" + "\n".join(lines))
+
+
+# --------------------------------------------------------------------------
+# Quarantine
+# --------------------------------------------------------------------------
+def quarantine_folder(quarantine_dir: Path, file_name: str, sha256: str) -> Path:
+    """``<quarantine_dir>/<stem>-<sha12>``: one folder per rejected content."""
+    return Path(quarantine_dir) / f"{Path(file_name).stem}-{sha256[:12]}"
+
+
+def find_quarantined(quarantine_dir: Path, sha256: str) -> Path | None:
+    """The quarantine folder already holding these exact bytes (under any name), or ``None``."""
+    qdir = Path(quarantine_dir)
+    if not qdir.is_dir():
+        return None
+    for folder in sorted(qdir.glob(f"*-{sha256[:12]}")):
+        rep = folder / "report.json"
+        if not rep.is_file():
+            continue  # an interrupted quarantine: it will be redone
+        try:
+            stored = json.loads(rep.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if stored.get("sha256") == sha256 and (folder / stored.get("file", "")).is_file():
+            return folder
+    return None
+
+
+def _move_exact(src: Path, dest: Path, sha256: str) -> None:
+    """Move ``src`` to ``dest`` keeping every byte; across filesystems, copy, verify the hash, then delete."""
+    from hm_recsys.data.ingest import file_sha256
+
+    try:
+        os.replace(src, dest)
+        return
+    except OSError:
+        pass
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    if file_sha256(tmp) != sha256:
+        tmp.unlink()
+        raise OSError(f"copy of {src} to {tmp} does not have the original sha256; the original is left in place")
+    os.replace(tmp, dest)
+    src.unlink()
+
+
+def quarantine(path: Path, report: DropReport, quarantine_dir: Path, runner: GxRunner | None = None) -> dict:
+    """Move a rejected drop to its quarantine folder with ``report.json`` and ``data_docs/``.
+
+    The report and the Data Docs are written first and the file moved last, so
+    a folder whose file is missing is an interrupted quarantine (redone next
+    time). Returns ``{"quarantine", "quarantined_file", "report", "data_docs"}`` as strings.
+    """
+    path = Path(path)
+    folder = quarantine_folder(quarantine_dir, path.name, report.sha256)
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / path.name
+    written = write_report(report, folder, runner, extra={"quarantined_file": str(dest)})
+    _move_exact(path, dest, report.sha256)
+    return {
+        "quarantine": str(folder),
+        "quarantined_file": str(dest),
+        "report": str(written["report"]),
+        "data_docs": str(written["data_docs"]) if "data_docs" in written else None,
+    }
+
+
+def _log_resubmission(folder: Path, file_name: str, report: DropReport) -> dict:
+    """Append ``{file, at, status, failed_checks}`` to the quarantined report's ``resubmissions``."""
+    rep = folder / "report.json"
+    stored = json.loads(rep.read_text(encoding="utf-8"))
+    stored.setdefault("resubmissions", []).append({
+        "file": file_name,
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "run_date": report.run_date,
+        "status": report.status,
+        "failed_checks": report.failed_checks,
+    })
+    tmp = folder / ".report.json.tmp"
+    tmp.write_text(to_json(stored) + "\n", encoding="utf-8")
+    tmp.replace(rep)
+    return stored
+
+
+def _was_processed(processed_dir: Path, name: str, sha256: str) -> bool:
+    """Whether these bytes already sit in processed/ (under ingest's naming: ``<name>`` or ``<stem>-<sha12>.csv``)."""
+    from hm_recsys.data.ingest import file_sha256
+
+    p = Path(name)
+    for cand in (processed_dir / p.name, processed_dir / f"{p.stem}-{sha256[:12]}{p.suffix}"):
+        if cand.is_file() and file_sha256(cand) == sha256:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# The incoming folder
+# --------------------------------------------------------------------------
+def _outcome(report: DropReport) -> dict:
+    return {
+        "file": report.file,
+        "sha256": report.sha256,
+        "week": report.declared_week,
+        "status": report.status,
+        "rows": report.rows,
+        "failed_checks": report.failed_checks,
+        "skipped_checks": report.skipped_checks,
+        "ingest": None,
+        "moved_to": None,
+        "quarantine": None,
+        "quarantined_file": None,
+        "report": None,
+        "data_docs": None,
+        "already_quarantined": False,
+    }
+
+
+def process_incoming(
+    incoming_dir: Path,
+    warehouse_dir: Path,
+    processed_dir: Path,
+    quarantine_dir: Path,
+    run_date: dt.date,
+    config: ValidationConfig | None = None,
+    runner: GxRunner | None = None,
+    progress: bool = False,
+) -> dict:
+    """Validate every drop in ``incoming_dir``; ingest + move the accepted, quarantine the rejected.
+
+    Drops are taken oldest first (mtime, then name), each validated against
+    the warehouse as the drops before it left it. Returns ``{"run_date": ISO,
+    "accepted": n, "rejected": n, "drops": [outcome, ...]}`` where an outcome is
+    ``{"file", "sha256", "week", "status": "accepted"|"rejected", "rows",
+    "failed_checks", "skipped_checks", "ingest": "ingested"|"duplicate"|None,
+    "moved_to", "quarantine", "quarantined_file", "report", "data_docs", "already_quarantined",
+    "summary"}`` (paths as strings). Raises ``ValidationSetupError`` if the
+    warehouse has no catalogue yet.
+    """
+    from tqdm.auto import tqdm
+
+    from hm_recsys.data import ingest
+    from hm_recsys.data.ingest import IngestError, file_sha256, read_ledger
+
+    incoming_dir, warehouse_dir = Path(incoming_dir), Path(warehouse_dir)
+    processed_dir, quarantine_dir = Path(processed_dir), Path(quarantine_dir)
+    config = config or ValidationConfig()
+    if not incoming_dir.is_dir():
+        raise ValidationSetupError(f"incoming folder {incoming_dir} does not exist")
+    outcomes: dict[str, dict] = {}
+    reports: dict[str, DropReport] = {}
+    # Two runs at once (a double-triggered DAG) would validate and move the same files: the second waits.
+    lock = open(incoming_dir / ".validate.lock", "a")  # noqa: SIM115 (held until the end of the function)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    total = sum(1 for p in incoming_dir.glob("*.csv") if p.is_file())
+    bar = tqdm(total=total, desc="validate drops", unit="drop", disable=not progress, leave=False)
+
+    def accept(path: Path) -> bool:
+        bar.update(1)
+        sha = file_sha256(path)
+        entry = read_ledger(warehouse_dir).get(sha)
+        resumed = entry is not None and entry.get("source") == path.name and not _was_processed(
+            processed_dir, path.name, sha
+        )
+        report = validate_drop(path, warehouse_dir, run_date, config=config, runner=runner, ingested_ok=resumed)
+        reports[path.name] = report
+        out = outcomes[path.name] = _outcome(report)
+        # The same bytes may sit in quarantine already. They are judged again all the same: a verdict
+        # can depend on the name (declared week), the run date and the warehouse, not only on the bytes.
+        prior = find_quarantined(quarantine_dir, sha)
+        if report.status == "accepted":
+            if prior is not None:
+                _log_resubmission(prior, path.name, report)
+            out["summary"] = report.summary()
+            return True
+        if prior is None:
+            out.update(quarantine(path, report, quarantine_dir, runner))
+            out["summary"] = report.summary(where=out["quarantine"], docs=out["data_docs"] is not None)
+            return False
+        # Rejected again: quarantine holds these very bytes, so this copy goes; the verdict is logged there.
+        stored = _log_resubmission(prior, path.name, report)
+        path.unlink()
+        out.update({
+            "quarantine": str(prior),
+            "quarantined_file": str(prior / stored["file"]),
+            "report": str(prior / "report.json"),
+            "data_docs": stored.get("data_docs"),
+            "already_quarantined": True,
+            "summary": report.summary() + (
+                f" These exact bytes were already quarantined in {prior}/; this copy was removed and the "
+                "resubmission logged in its report.json. Fix the file before sending it again."
+            ),
+        })
+        return False
+
+    try:
+        while True:
+            try:
+                results = ingest.process_incoming(
+                    incoming_dir, warehouse_dir, processed_dir, accept=accept, progress=False
+                )
+                break
+            except IngestError as exc:
+                # Validation accepted a file ingestion refuses: a gap in the suites. Quarantine it like any
+                # reject (ingestion wrote nothing) and go on with the files after it.
+                bad = Path(exc.path)
+                report = reports[bad.name]
+                report.checks.append(CheckResult("ingest", "drop", "transactions", FAILED,
+                                                 "ingestion must be able to store every row", detail=str(exc)))
+                out = outcomes[bad.name]
+                out.update(_outcome(report))
+                out.update(quarantine(bad, report, quarantine_dir, runner))
+                out["summary"] = report.summary(where=out["quarantine"], docs=out["data_docs"] is not None)
+        by_name = {Path(r["file"]).name: r for r in results}
+    finally:
+        bar.close()
+        lock.close()  # releases the flock
+    for name, out in outcomes.items():
+        if out["status"] != "accepted":
+            continue
+        r = by_name.get(name)
+        if r is not None:
+            out["ingest"], out["moved_to"] = r["status"], r.get("moved_to")
+        else:  # ingested in a pass that an IngestError on a later file cut short
+            out["ingest"] = "ingested"
+            out["moved_to"] = next(
+                (str(p) for p in (processed_dir / name, processed_dir / f"{Path(name).stem}-{out['sha256'][:12]}.csv")
+                 if p.is_file()),
+                None,
+            )
+    drops = list(outcomes.values())
+    return {
+        "run_date": run_date.isoformat(),
+        "accepted": sum(d["status"] == "accepted" for d in drops),
+        "rejected": sum(d["status"] == "rejected" for d in drops),
+        "drops": drops,
+    }
+
+
+def validate_incoming(run_date: dt.date, config: ValidationConfig | None = None, fail_on_reject: bool = False,
+                      progress: bool = False) -> dict:
+    """``process_incoming`` on the runtime layout (``Settings.from_env()``): the Airflow task's one call.
+
+    ``run_date``: the run's data-interval end (rows dated later are "future").
+    Returns ``process_incoming``'s dict; with ``fail_on_reject`` raises
+    ``DropsRejected`` (carrying that dict) if any drop was rejected.
+    """
+    from hm_recsys.config import Settings
+
+    layout = Settings.from_env().layout
+    layout.incoming_dir.mkdir(parents=True, exist_ok=True)  # nothing arrived yet is not an error
+    result = process_incoming(layout.incoming_dir, layout.warehouse_dir, layout.processed_dir,
+                              layout.quarantine_dir, run_date, config=config, progress=progress)
+    if fail_on_reject and result["rejected"]:
+        raise DropsRejected(result)
+    return result
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+_DEFAULT = "\0default"
+
+
+def _date(s: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a date in YYYY-MM-DD form") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = ValidationConfig()
+    p = argparse.ArgumentParser(
+        prog="hm-recsys validate",
+        description="Validate weekly transaction drops (then ingest or quarantine them) or the initial H&M "
+        "history with Great Expectations. Prints a JSON report on stdout, a summary per rejected file on "
+        "stderr; exits 1 if anything was rejected, 2 if validation could not start.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--incoming", nargs="?", const=_DEFAULT, metavar="DIR",
+                      help="validate every *.csv in DIR (default: $HM_RECSYS_HOME/data/incoming), oldest first: "
+                      "accepted -> ingested and moved to data/processed, rejected -> data/quarantine/<stem>-<sha12>/")
+    what.add_argument("--drop", metavar="FILE", help="validate one drop only: nothing is ingested, moved or written "
+                      "(except --out)")
+    what.add_argument("--history", nargs="?", const=_DEFAULT, metavar="DIR",
+                      help="validate articles/customers/transactions_train.csv in DIR (default: "
+                      "$HM_RECSYS_HOME/data/raw), one H&M week at a time")
+    p.add_argument("--week", type=_date, metavar="YYYY-MM-DD",
+                   help="--drop: the declared week (its Wednesday), when the file name does not say it")
+    p.add_argument("--run-date", type=_date, metavar="YYYY-MM-DD",
+                   help="rows dated after this day are 'in the future' (default: today; Airflow passes its "
+                   "data interval end)")
+    p.add_argument("--warehouse", metavar="DIR", help="warehouse folder (default: $HM_RECSYS_HOME/data/warehouse)")
+    p.add_argument("--out", metavar="DIR", help="--drop/--history: write report.json and data_docs/ here "
+                   "(--history default: $HM_RECSYS_HOME/data/validation/history)")
+    p.add_argument("--volume-band", type=float, nargs=2, metavar=("LO", "HI"), default=d.volume_band,
+                   help=f"accepted row count, as multiples of the recent weekly median (default: {d.volume_band})")
+    p.add_argument("--history-weeks", type=int, default=d.history_weeks, metavar="N",
+                   help=f"recent weeks behind the volume median and needed by the history checks "
+                   f"(default: {d.history_weeks})")
+    p.add_argument("--new-article-share", type=float, nargs=2, metavar=("LO", "HI"), default=d.new_article_share,
+                   help=f"accepted share of rows whose article was never sold before (default: {d.new_article_share})")
+    p.add_argument("--new-customer-share", type=float, nargs=2, metavar=("LO", "HI"), default=d.new_customer_share,
+                   help=f"accepted share of rows whose customer never bought before (default: {d.new_customer_share})")
+    p.add_argument("--price-max", type=float, default=d.price_max, help=f"price ceiling (default: {d.price_max})")
+    p.add_argument("--max-examples", type=int, default=d.max_examples, metavar="N",
+                   help=f"example rows kept per failed check (default: {d.max_examples})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from hm_recsys.config import Settings
+
+    layout = Settings.from_env().layout
+    warehouse = Path(args.warehouse) if args.warehouse else layout.warehouse_dir
+    run_date = args.run_date or dt.date.today()  # the CLI's notion of "now"; library code never reads the clock
+    progress = not args.no_progress
+    if args.week is not None and args.drop is None:
+        print("hm-recsys validate: error: --week applies to --drop only (incoming drops say their week in "
+              "their name: transactions_<YYYY-MM-DD>.csv)", file=sys.stderr)
+        return 2
+    try:
+        config = ValidationConfig(
+            volume_band=tuple(args.volume_band),
+            history_weeks=args.history_weeks,
+            new_article_share=tuple(args.new_article_share),
+            new_customer_share=tuple(args.new_customer_share),
+            price_max=args.price_max,
+            max_examples=args.max_examples,
+        )
+    except ValueError as exc:
+        print(f"hm-recsys validate: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.incoming is not None:
+            incoming = layout.incoming_dir if args.incoming == _DEFAULT else Path(args.incoming)
+            if args.incoming == _DEFAULT:
+                incoming.mkdir(parents=True, exist_ok=True)
+            result = process_incoming(incoming, warehouse, layout.processed_dir, layout.quarantine_dir, run_date,
+                                      config=config, progress=progress)
+            print(to_json(result))
+            for d in result["drops"]:
+                if d["status"] == "rejected":
+                    print(d["summary"], file=sys.stderr)
+            return 1 if result["rejected"] else 0
+        if args.drop is not None:
+            path = Path(args.drop)
+            if not path.is_file():
+                raise ValidationSetupError(f"{path} is not a file")
+            report = validate_drop(path, warehouse, run_date, week=args.week, config=config)
+            out = report.to_dict()
+            if args.out:
+                out["written"] = {k: str(v) for k, v in write_report(report, Path(args.out)).items()}
+            print(to_json(out))
+            if report.status == "rejected":
+                print(report.summary(), file=sys.stderr)
+            return 1 if report.status == "rejected" else 0
+        raw = layout.raw_dir if args.history == _DEFAULT else Path(args.history)
+        hist = validate_history(raw, run_date, config=config, progress=progress)
+        written = write_report(hist, Path(args.out) if args.out else layout.validation_dir / "history")
+        out = hist.to_dict()
+        out["written"] = {k: str(v) for k, v in written.items()}
+        print(to_json(out))
+        if hist.status == "rejected":
+            print(hist.summary(), file=sys.stderr)
+        return 1 if hist.status == "rejected" else 0
+    except ValidationSetupError as exc:
+        print(f"hm-recsys validate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

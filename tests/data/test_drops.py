@@ -1,0 +1,288 @@
+"""A drop's life (``hm_recsys.data.drops``): validate -> ingest + processed/, or quarantine intact.
+
+The whole bad-input corpus (``tests/data/bad_inputs/corpus.py``) goes through
+one ``process_incoming`` run (GX is slow; one batch, one context): each case
+must be rejected with exactly its expected failures and sit in quarantine
+byte for byte; the CRLF variant must be ingested. Then: duplicates,
+resubmissions, a fixed file, an interrupted run, and the CLI on clean weeks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from hm_recsys.data import drops as D
+from hm_recsys.data.ingest import ingest_drop
+from hm_recsys.data.warehouse import Warehouse
+from tests.data.bad_inputs import corpus
+from tests.data.bad_inputs.fixtures import tiny_drops
+
+NO_DOCS = {"empty_file", "header_only", "wrong_delimiter"}  # GX never saw these files
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_drops(tmp_path_factory)
+
+
+def _dirs(root: Path) -> dict[str, Path]:
+    d = {k: root / k for k in ("incoming", "processed", "quarantine")}
+    for p in d.values():
+        p.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _put(incoming: Path, name: str, data: bytes, order: int) -> Path:
+    """Write a drop with an mtime that fixes its place in the queue (oldest first)."""
+    p = incoming / name
+    p.write_bytes(data)
+    t = 1_600_000_000 + order
+    os.utime(p, (t, t))
+    return p
+
+
+def _bases(tiny) -> dict[str, bytes]:
+    return {
+        "base": (tiny.raw / "drops" / f"transactions_{corpus.BASE_WEEK}.csv").read_bytes(),
+        "crlf_base": (tiny.raw / "drops" / f"transactions_{corpus.CRLF_WEEK}.csv").read_bytes(),
+        "hidden": tiny.hidden_week.read_bytes(),
+    }
+
+
+@pytest.fixture(scope="module")
+def batch(tiny, tmp_path_factory):
+    """Every corpus case, then the clean base drop, then an exact copy of it, in one run."""
+    root = tmp_path_factory.mktemp("corpus_run")
+    dirs = _dirs(root)
+    wh = tiny.warehouse_copy(root / "warehouse")
+    bases = _bases(tiny)
+    written = {}
+    for i, case in enumerate(corpus.CASES):
+        data = case.build(bases[case.base])
+        written[case.name] = data
+        _put(dirs["incoming"], corpus.file_name(case), data, i)
+    clean = f"transactions_{corpus.BASE_WEEK}.csv"
+    _put(dirs["incoming"], clean, bases["base"], 100)
+    _put(dirs["incoming"], f"transactions_{corpus.BASE_WEEK}_duplicated_drop.csv", bases["base"], 101)
+    result = D.process_incoming(dirs["incoming"], wh, dirs["processed"], dirs["quarantine"], corpus.RUN_DATE)
+    by_file = {d["file"]: d for d in result["drops"]}
+    return {"result": result, "by_file": by_file, "written": written, "dirs": dirs, "wh": wh, "bases": bases}
+
+
+@pytest.mark.parametrize("case", corpus.CASES, ids=lambda c: c.name)
+def test_corpus_case_gets_its_exact_verdict(batch, case):
+    out = batch["by_file"][corpus.file_name(case)]
+    assert set(out["failed_checks"]) == set(case.fails), out["summary"]
+    data = batch["written"][case.name]
+    assert out["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not (batch["dirs"]["incoming"] / corpus.file_name(case)).exists()
+    if not case.fails:
+        assert out["status"] == "accepted" and out["ingest"] == "ingested"
+        assert Path(out["moved_to"]).read_bytes() == data
+        assert out["quarantine"] is None
+        return
+    assert out["status"] == "rejected" and out["ingest"] is None and out["moved_to"] is None
+    folder = Path(out["quarantine"])
+    assert folder == batch["dirs"]["quarantine"] / f"{Path(corpus.file_name(case)).stem}-{out['sha256'][:12]}"
+    assert (folder / corpus.file_name(case)).read_bytes() == data  # byte for byte
+    report = json.loads((folder / "report.json").read_text())
+    assert report["sha256"] == out["sha256"] and report["status"] == "rejected"
+    assert set(report["failed_checks"]) == set(case.fails)
+    assert report["quarantined_file"] == str(folder / corpus.file_name(case))
+    docs = folder / "data_docs" / "index.html"
+    assert docs.is_file() == (case.name not in NO_DOCS)
+    assert out["data_docs"] == (str(docs) if docs.is_file() else None)
+    first = next(c for c in report["checks"] if c["status"] == "failed")
+    if case.line is not None:
+        assert first["examples"][0]["line"] == case.line
+    assert out["summary"].startswith(f"{corpus.file_name(case)} (sha256 {out['sha256'][:12]}")
+    assert f"was REJECTED: {len(case.fails)} of" in out["summary"] and str(folder) in out["summary"]
+
+
+def test_corpus_counts_are_exact(batch, tiny):
+    by = {c: batch["by_file"][corpus.file_name(corpus.BY_NAME[c])] for c in corpus.BY_NAME}
+
+    def failed(name):
+        rep = json.loads((Path(by[name]["quarantine"]) / "report.json").read_text())
+        return next(c for c in rep["checks"] if c["status"] == "failed")
+
+    base = batch["bases"]["base"].decode().split("\n")[1:-1]
+    over = sum(float(r.split(",")[3]) * 100 > 1.0 for r in base)
+    assert failed("price_100x")["unexpected_count"] == over
+    hidden = batch["bases"]["hidden"].decode().split("\n")[1:-1]
+    future = [i + 2 for i, r in enumerate(hidden) if r[:10] > corpus.RUN_DATE.isoformat()]
+    fut = failed("future_date")
+    assert fut["unexpected_count"] == len(future) and fut["examples"][0]["line"] == future[0]
+    assert fut["kwargs"]["value_set"] == ["2020-09-28", "2020-09-29"]
+    assert failed("volume_spike_10x")["observed_value"] == 10 * len(base)
+    assert failed("missing_column")["detail"].startswith("missing: price (expected t_dat,")
+    assert failed("renamed_column")["detail"].startswith("renamed: 'price' -> 'prize'")
+    assert failed("extra_column")["detail"].startswith("unexpected: store_id")
+    assert failed("truncated_last_line")["examples"][0]["line"] == len(base) + 1
+    assert failed("non_utf8_bytes")["examples"][0]["detail"] == "invalid UTF-8 byte 0xe9 at byte 12 of the line"
+    assert by["non_utf8_bytes"]["rows"] == len(base) - 1  # the bad line is set aside, the rest validated
+    assert failed("no_declared_week")["detail"].startswith("cannot tell the week of 'transactions_latest.csv'")
+    assert set(by["no_declared_week"]["skipped_checks"]) == {
+        "t_dat_in_week", "t_dat_not_future", "volume", "new_article_share", "new_customer_share"}
+    # the CRLF drop landed in the warehouse as its week
+    crlf_rows = batch["bases"]["crlf_base"].count(b"\n") - 1
+    parts = Warehouse(batch["wh"]).part_files(corpus.CRLF_WEEK)
+    assert len(parts) == 1 and pq.ParquetFile(parts[0]).metadata.num_rows == crlf_rows
+
+
+def test_clean_drop_is_ingested_and_its_copy_rejected_as_duplicate(batch):
+    clean = batch["by_file"][f"transactions_{corpus.BASE_WEEK}.csv"]
+    assert clean["status"] == "accepted" and clean["ingest"] == "ingested"
+    assert Path(clean["moved_to"]) == batch["dirs"]["processed"] / f"transactions_{corpus.BASE_WEEK}.csv"
+    dup = batch["by_file"][f"transactions_{corpus.BASE_WEEK}_duplicated_drop.csv"]
+    assert dup["failed_checks"] == ["duplicate_drop"] and dup["sha256"] == clean["sha256"]
+    assert dup["data_docs"] is None and "Nothing was ingested twice" in dup["summary"]
+    rep = json.loads(Path(dup["report"]).read_text())
+    assert rep["checks"][1]["detail"].startswith(
+        f"these exact bytes were already ingested from 'transactions_{corpus.BASE_WEEK}.csv' at ")
+    assert batch["result"]["accepted"] == 2 and batch["result"]["rejected"] == len(corpus.CASES) - 1 + 1
+    assert Warehouse(batch["wh"]).part_files(corpus.BASE_WEEK)[0].name == f"part-drop-{clean['sha256'][:12]}.parquet"
+
+
+def test_same_bad_bytes_sent_again_are_recognised(batch):
+    d = batch["dirs"]
+    case = corpus.BY_NAME["sales_channel_3"]
+    first = batch["by_file"][corpus.file_name(case)]
+    again = _put(d["incoming"], "transactions_2020-08-26_resent.csv", batch["written"][case.name], 200)
+    before = sorted(p.name for p in d["quarantine"].iterdir())
+    res = D.process_incoming(d["incoming"], batch["wh"], d["processed"], d["quarantine"], corpus.RUN_DATE)
+    (out,) = res["drops"]
+    assert out["status"] == "rejected" and out["already_quarantined"] is True
+    # judged again: meanwhile the clean drop of that week was ingested, so the week is taken too
+    assert out["quarantine"] == first["quarantine"]
+    assert out["failed_checks"] == ["week_not_loaded", "sales_channel_id_set"]
+    assert "These exact bytes were already quarantined" in out["summary"]
+    # the copy is gone (quarantine holds the same bytes), no second folder, the resubmission is logged
+    assert not again.exists() and sorted(p.name for p in d["quarantine"].iterdir()) == before
+    rep = json.loads((Path(first["quarantine"]) / "report.json").read_text())
+    assert [(r["file"], r["status"], r["failed_checks"]) for r in rep["resubmissions"]] == [
+        ("transactions_2020-08-26_resent.csv", "rejected", ["week_not_loaded", "sales_channel_id_set"])]
+
+
+def test_a_week_sent_before_it_ended_passes_when_sent_again_after(batch):
+    """A verdict depends on the run date too: the same bytes are judged again, not refused on sight."""
+    d = batch["dirs"]
+    early = batch["by_file"][corpus.file_name(corpus.BY_NAME["future_date"])]
+    assert early["failed_checks"] == ["t_dat_not_future"]
+    _put(d["incoming"], "transactions_2020-09-23.csv", batch["bases"]["hidden"], 300)
+    res = D.process_incoming(d["incoming"], batch["wh"], d["processed"], d["quarantine"], dt.date(2020, 9, 30))
+    (out,) = res["drops"]
+    assert (out["status"], out["ingest"], out["sha256"]) == ("accepted", "ingested", early["sha256"])
+    rep = json.loads((Path(early["quarantine"]) / "report.json").read_text())
+    assert [(r["file"], r["status"], r["run_date"]) for r in rep["resubmissions"]] == [
+        ("transactions_2020-09-23.csv", "accepted", "2020-09-30")]
+
+
+def test_a_fixed_file_is_accepted_after_its_reject(tiny, tmp_path):
+    d = _dirs(tmp_path)
+    wh = tiny.warehouse_copy(tmp_path / "warehouse")
+    clean = _bases(tiny)["base"]
+    name = f"transactions_{corpus.BASE_WEEK}.csv"
+    _put(d["incoming"], name, corpus.BY_NAME["sales_channel_3"].build(clean), 0)
+    first = D.process_incoming(d["incoming"], wh, d["processed"], d["quarantine"], corpus.RUN_DATE)
+    assert first["rejected"] == 1 and Warehouse(wh).part_files(corpus.BASE_WEEK) == []
+    _put(d["incoming"], name, clean, 1)
+    second = D.process_incoming(d["incoming"], wh, d["processed"], d["quarantine"], corpus.RUN_DATE)
+    (out,) = second["drops"]
+    assert out["status"] == "accepted" and out["ingest"] == "ingested"
+    assert (d["processed"] / name).read_bytes() == clean
+    assert len(Warehouse(wh).part_files(corpus.BASE_WEEK)) == 1
+    assert (Path(first["drops"][0]["quarantine"]) / name).is_file()  # the bad one is kept for audit
+
+
+def test_a_drop_ingested_by_an_interrupted_run_is_finished_not_rejected(tiny, tmp_path):
+    d = _dirs(tmp_path)
+    wh = tiny.warehouse_copy(tmp_path / "warehouse")
+    p = _put(d["incoming"], f"transactions_{corpus.BASE_WEEK}.csv", _bases(tiny)["base"], 0)
+    ingest_drop(p, wh)  # ...and the process died before moving the file to processed/
+    res = D.process_incoming(d["incoming"], wh, d["processed"], d["quarantine"], corpus.RUN_DATE)
+    (out,) = res["drops"]
+    assert (out["status"], out["ingest"], out["failed_checks"]) == ("accepted", "duplicate", [])
+    assert Path(out["moved_to"]).is_file() and not p.exists() and not any(d["quarantine"].iterdir())
+
+
+def test_cli_accepts_every_clean_week(tiny, home, capsys):
+    from hm_recsys.cli import main
+    from hm_recsys.config import Settings
+
+    layout = Settings.from_env().layout
+    tiny.warehouse_copy(layout.warehouse_dir)
+    layout.incoming_dir.mkdir(parents=True)
+    for i, p in enumerate(tiny.drops):
+        _put(layout.incoming_dir, p.name, p.read_bytes(), i)
+    _put(layout.incoming_dir, "transactions_2020-09-23.csv", tiny.hidden_week.read_bytes(), 10)
+    rc = main(["validate", "--incoming", "--run-date", "2020-09-30", "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    out = json.loads(cap.out)
+    assert (out["accepted"], out["rejected"]) == (5, 0) and cap.err == ""
+    weeks = [dt.date.fromisoformat(w) for w in ("2020-08-26", "2020-09-02", "2020-09-09", "2020-09-16", "2020-09-23")]
+    assert Warehouse(layout.warehouse_dir).weeks()[-5:] == weeks
+    assert sorted(p.name for p in layout.processed_dir.iterdir()) == sorted(
+        [p.name for p in tiny.drops] + ["transactions_2020-09-23.csv"])
+    # every outcome is small and JSON-able: ids and paths, no data
+    assert all(set(o) >= {"file", "sha256", "status", "moved_to", "quarantine", "report"} for o in out["drops"])
+
+
+def test_cli_exit_codes_and_summary(tiny, home, capsys):
+    from hm_recsys.config import Settings
+
+    layout = Settings.from_env().layout
+    layout.incoming_dir.mkdir(parents=True)
+    # no catalogue yet: validation cannot start (2), the drop stays where it is
+    p = _put(layout.incoming_dir, f"transactions_{corpus.BASE_WEEK}.csv", _bases(tiny)["base"], 0)
+    assert D.main(["--incoming", "--run-date", "2020-10-01"]) == 2
+    assert "ingest the history first" in capsys.readouterr().err and p.exists()
+    tiny.warehouse_copy(layout.warehouse_dir)
+    p.write_bytes(corpus.BY_NAME["negative_price"].build(_bases(tiny)["base"]))
+    assert D.main(["--incoming", "--run-date", "2020-10-01", "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    (out,) = json.loads(cap.out)["drops"]
+    assert cap.err.strip() == out["summary"]
+    assert "price_range (1 row, e.g. line 13:" in cap.err and out["quarantine"] in cap.err
+    assert D.main(["--incoming", "--volume-band", "5", "1"]) == 2
+    assert "volume_band" in capsys.readouterr().err
+
+
+def test_validate_incoming_for_airflow(tiny, home):
+    from hm_recsys.config import Settings
+
+    layout = Settings.from_env().layout
+    tiny.warehouse_copy(layout.warehouse_dir)
+    assert D.validate_incoming(dt.date(2020, 10, 1))["drops"] == []  # nothing arrived: not an error
+    _put(layout.incoming_dir, f"transactions_{corpus.BASE_WEEK}.csv",
+         corpus.BY_NAME["sales_channel_3"].build(_bases(tiny)["base"]), 0)
+    with pytest.raises(D.DropsRejected) as e:
+        D.validate_incoming(dt.date(2020, 10, 1), fail_on_reject=True)
+    assert e.value.result["rejected"] == 1 and "sales_channel_id_set" in str(e.value)
+    assert json.loads(json.dumps(e.value.result)) == e.value.result
+    shutil.rmtree(layout.quarantine_dir)
+
+
+def test_nothing_is_written_outside_the_runtime_folders(tiny, tmp_path, monkeypatch):
+    """GX builds Data Docs where it is told to and nowhere else: not $HOME, not the working directory."""
+    fake_home, cwd = tmp_path / "home", tmp_path / "cwd"
+    fake_home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(fake_home))
+    monkeypatch.chdir(cwd)
+    d = _dirs(tmp_path / "var")
+    wh = tiny.warehouse_copy(tmp_path / "warehouse")
+    _put(d["incoming"], f"transactions_{corpus.BASE_WEEK}.csv",
+         corpus.BY_NAME["negative_price"].build(_bases(tiny)["base"]), 0)
+    res = D.process_incoming(d["incoming"], wh, d["processed"], d["quarantine"], corpus.RUN_DATE)
+    assert res["rejected"] == 1 and Path(res["drops"][0]["data_docs"]).is_file()
+    assert list(fake_home.iterdir()) == [] and list(cwd.iterdir()) == []
