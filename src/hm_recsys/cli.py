@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("hm_recsys.data.synthetic:main", "write a synthetic dataset in H&M's exact CSV format (+ oracle)"),
     "ingest": ("hm_recsys.data.ingest:main", "load H&M CSVs or weekly drops into the Parquet warehouse"),
     "validate": ("hm_recsys.data.drops:main", "validate drops or the initial history with Great Expectations; quarantine rejects"),
+    "evaluate": ("hm_recsys.evaluate:main", "score baselines (and the oracle) on a holdout week; print the comparison table"),
+    "train": ("hm_recsys.train:main", "train the two towers on a time split; log the run to MLflow"),
 }
 
 
