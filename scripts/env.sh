@@ -1,6 +1,6 @@
 # Source me (bash): the environment every hm-recsys process runs with.
 # Sets the runtime folder, Airflow's config, telemetry off, and loads the
-# Airflow secrets, generating them once (mode 600) under the runtime folder.
+# Airflow secrets and the service's admin token, generating them once (mode 600) under the runtime folder.
 # Secrets never live in the repo or in airflow.cfg.
 _repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export HM_RECSYS_REPO="$_repo"
@@ -24,6 +24,9 @@ print(f"AIRFLOW__API__SECRET_KEY={secrets.token_urlsafe(32)}")
 print(f"AIRFLOW__CORE__FERNET_KEY={base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()}")
 PY
   )
+fi
+if ! grep -q '^HM_RECSYS_ADMIN_TOKEN=' "$_secrets"; then  # the service's /admin/reload token (deploy uses it)
+  (umask 077; printf 'HM_RECSYS_ADMIN_TOKEN=%s\n' "$("$_repo/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))')" >> "$_secrets")
 fi
 set -a
 # shellcheck disable=SC1090

@@ -20,6 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("hm_recsys.data.drops:main", "validate drops or the initial history with Great Expectations; quarantine rejects"),
     "evaluate": ("hm_recsys.evaluate:main", "score baselines (and the oracle) on a holdout week; print the comparison table"),
     "train": ("hm_recsys.train:main", "train the two towers on a time split; log the run to MLflow"),
+    "retrain": ("hm_recsys.pipeline:retrain_main", "the whole retraining flow without Airflow: train, register, index, gate, promote"),
+    "promote": ("hm_recsys.pipeline:promote_main", "promote a model version by hand (recorded reason)"),
+    "rollback": ("hm_recsys.pipeline:rollback_main", "restore the previous champion"),
+    "serve": ("hm_recsys.serving:main", "run the recommendation service (BentoML) on 127.0.0.1; hot-swaps the champion"),
+    "deploy": ("hm_recsys.deploy:main", "build the Bento of a model version and switch the running service to it"),
 }
 
 

@@ -1,0 +1,312 @@
+"""The recommendation service (BentoML): the champion's model and index behind HTTP.
+
+Run it with ``hm-recsys serve`` (or ``make serve``); it binds 127.0.0.1.
+
+=======================  =====================================================
+``POST /recommend``       ``{customer_id, top_k=12 (1..100), exclude_purchased=false}``
+                          -> ``{customer_id, recommendations: [{article_id, score, rank}],
+                          count, model_version, fallback}``
+``POST /recommend/batch`` ``{customer_ids: [...] (1..1000), top_k, exclude_purchased}``
+                          -> ``{results: [<as /recommend>], count, model_version}``
+``POST /similar-items``   ``{article_id, top_k}`` -> ``{article_id, similar, count, model_version}``
+``POST /admin/reload``    header ``Authorization: Bearer $HM_RECSYS_ADMIN_TOKEN``; ``{force}``
+                          -> 202, the check runs in the background
+``GET /livez``            the process is up (BentoML built-in)
+``GET /readyz``           200 only once a verified model+index is loaded (``__is_ready__``)
+``GET /metadata``         model version, index manifest, data window, metrics, reloader state
+=======================  =====================================================
+
+Errors: malformed input -> 400 naming the field (pydantic, ``detail[].loc``);
+unknown article -> 404; body over the limit -> 413; any content type but
+JSON (pickle, multipart, form) -> 415; no model yet -> 503. Unknown but
+well-formed customer ids are not errors: they get the cold-start answer,
+``fallback: true``.
+
+All the logic lives in ``hm_recsys.serving`` (framework-free, unit-tested);
+this module is the HTTP shell and BentoML's configuration. Tuning (measured
+by ``bench/serve.py``): one worker (each worker is a process holding its own
+model copy, and 2 cores are shared with the load), async endpoints answered on
+the event loop (a single lookup + ScaNN search costs less than a thread hop),
+responses serialised once to JSON bytes, access log and Prometheus metrics off
+on the hot path, OpenTelemetry skipped for the API routes (its unsampled spans
+cost more than the search). Override any of it with ``BENTOML_CONFIG_OVERRIDES``
+(JSON, e.g. ``{"services": {"hm_recsys": {"metrics": {"enabled": true}}}}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import AfterValidator, BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from hm_recsys.serving import (
+    DEFAULT_TOP_K,
+    MAX_TOP_K,
+    NotReady,
+    RequestError,
+    Runtime,
+    ServeSettings,
+    check_customer_id,
+    normalise_article_id,
+)
+
+log = logging.getLogger("hm_recsys.service")
+
+SERVICE_NAME = "hm_recsys"
+JSON = "application/json"
+
+# -- request fields (validated by pydantic; a failure is a 400 naming the field) ---------
+CustomerId = Annotated[str, Field(description="H&M customer id: 64 lowercase hex characters",
+                                  examples=["00007d2de826758b65a93dd24ce629ed66842531df6699338c5570910a014cc2"]),
+                       AfterValidator(check_customer_id)]
+ArticleId = Annotated[str, Field(description="H&M article id, 10 digits (the 9-digit form is accepted)",
+                                 examples=["0663713001"]),
+                      AfterValidator(normalise_article_id)]
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, strict=True, description=f"list length, 1..{MAX_TOP_K}")]
+
+
+# -- response shapes (the OpenAPI schema; bodies are serialised straight from dicts) ----
+class Recommendation(BaseModel):
+    article_id: str
+    score: float = Field(description="dot product of the L2-normalised embeddings (cosine)")
+    rank: int = Field(description="1 = best")
+
+
+class RecommendResponse(BaseModel):
+    customer_id: str
+    recommendations: list[Recommendation]
+    count: int
+    model_version: str
+    fallback: bool = Field(description="true: unknown customer, answered by the cold-start query")
+
+
+class BatchResponse(BaseModel):
+    results: list[RecommendResponse]
+    count: int
+    model_version: str
+
+
+class SimilarResponse(BaseModel):
+    article_id: str
+    similar: list[Recommendation]
+    count: int
+    model_version: str
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    # json.dumps once, straight from the serving core's dicts: no pydantic round trip per answer
+    return Response(json.dumps(body, separators=(",", ":")).encode(), status_code=status, media_type=JSON)
+
+
+def _error(e: Exception) -> Response:
+    if isinstance(e, RequestError):
+        return _json(e.to_dict(), e.status)
+    if isinstance(e, NotReady):
+        return _json({"error": str(e)}, 503)
+    raise e
+
+
+class RequestGuard:
+    """ASGI middleware: POST bodies must be JSON and within the size limit, before any parsing.
+
+    * Content types other than ``application/json`` -> 415: no pickle
+      (``application/vnd.bentoml+pickle``), multipart or form input reaches the
+      API handlers.
+    * Bodies over the limit -> 413, decided from ``Content-Length`` when given,
+      otherwise while reading (the body is buffered, then replayed to the app).
+    """
+
+    def __init__(self, app, settings: ServeSettings | None = None):
+        self.app = app
+        s = settings or ServeSettings.from_env()
+        self.limits = {"/recommend/batch": s.max_batch_body_bytes}
+        self.default_limit = s.max_body_bytes
+
+    async def _refuse(self, send, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        limit = self.limits.get(path, self.default_limit)
+        ctype, length = b"", None
+        for k, v in scope["headers"]:
+            if k == b"content-type":
+                ctype = v
+            elif k == b"content-length":
+                length = v
+        media = ctype.split(b";")[0].strip().lower()
+        if media != b"application/json":
+            return await self._refuse(send, 415, f"{path}: send the body as application/json "
+                                                 f"(got {media.decode('latin-1') or 'no content type'})")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                return await self._refuse(send, 400, "invalid Content-Length header")
+            if too_big:
+                return await self._refuse(send, 413, f"{path}: request body of {int(length)} bytes is over the "
+                                                     f"limit of {limit} bytes")
+            return await self.app(scope, receive, send)
+        # no Content-Length (chunked): read up to the limit, then replay
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await self._refuse(send, 413, f"{path}: request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class _DropClientErrors(logging.Filter):
+    """BentoML logs a traceback at ERROR for every request that fails validation; those are 400s, not faults."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], ValidationError))
+
+
+def _configure_logging() -> None:
+    """Validation failures are not logged as server errors; our own log lines go where BentoML's go."""
+    from bentoml._internal.server import http_app
+
+    logger = logging.getLogger(http_app.__name__)
+    if not any(isinstance(f, _DropClientErrors) for f in logger.filters):
+        logger.addFilter(_DropClientErrors())
+    ours, theirs = logging.getLogger("hm_recsys"), logging.getLogger("bentoml")
+    if not ours.handlers and theirs.handlers:
+        for h in theirs.handlers:
+            ours.addHandler(h)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+async def metadata_endpoint(request: Request) -> Response:
+    """``GET /metadata``: what is being served (or why nothing is)."""
+    svc = bentoml.get_current_service()
+    return _json(svc.runtime.metadata())
+
+
+_web = Starlette(routes=[Route("/metadata", metadata_endpoint, methods=["GET"])])
+
+
+@bentoml.service(
+    name=SERVICE_NAME,
+    workers=1,
+    threads=2,
+    traffic={"timeout": 30, "max_concurrency": 512},
+    http={"host": "127.0.0.1", "port": 3000},
+    logging={"access": {"enabled": False, "request_content_length": True, "request_content_type": True,
+                        "response_content_length": True, "response_content_type": True,
+                        "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"],
+                        "format": {"trace_id": "032x", "span_id": "016x"}}},
+    metrics={"enabled": False, "namespace": "bentoml_service"},
+    monitoring={"enabled": False},
+    # OpenTelemetry still builds (unsampled) spans for every request unless the route is excluded
+    tracing={"excluded_urls": ["/recommend", "/similar-items", "/metadata", "/readyz", "/livez"]},
+)
+@bentoml.asgi_app(_web, path="/")
+class RecommendationService:
+    """Recommendations for the model version the registry's alias names; hot-swapped, never mixed."""
+
+    def __init__(self, runtime: Runtime | None = None, start: bool = True):
+        self.runtime = runtime or Runtime.from_env()
+        _configure_logging()
+        if start:
+            # the first load runs in the background: /livez answers at once, /readyz when loaded
+            self.runtime.reloader.start()
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    @bentoml.on_shutdown
+    def _stop_reloader(self) -> None:
+        self.runtime.reloader.stop()
+
+    @bentoml.api(route="/recommend")
+    async def recommend(self, customer_id: CustomerId, top_k: TopK = DEFAULT_TOP_K,
+                        exclude_purchased: bool = False) -> RecommendResponse:
+        """Top-k articles for one customer; unknown customers get the cold-start answer (fallback)."""
+        try:
+            served = self.runtime.holder.require()  # read once: one version per answer
+            return _json(served.recommend([customer_id], top_k, exclude_purchased)[0])
+        except (RequestError, NotReady) as e:
+            return _error(e)
+
+    @bentoml.api(route="/recommend/batch")
+    async def recommend_batch(self, customer_ids: Annotated[list[CustomerId], Field(min_length=1)],
+                              top_k: TopK = DEFAULT_TOP_K, exclude_purchased: bool = False) -> BatchResponse:
+        """Top-k articles for many customers at once (one index search for all)."""
+        import anyio.to_thread
+
+        try:
+            limit = self.runtime.serve.max_batch_ids
+            if len(customer_ids) > limit:
+                raise RequestError("customer_ids", f"at most {limit} ids per request, got {len(customer_ids)}")
+            served = self.runtime.holder.require()
+            # big batches leave the event loop so single requests keep flowing meanwhile
+            results = await anyio.to_thread.run_sync(served.recommend, customer_ids, top_k, exclude_purchased) \
+                if len(customer_ids) > 32 else served.recommend(customer_ids, top_k, exclude_purchased)
+            return _json({"results": results, "count": len(results), "model_version": served.version})
+        except (RequestError, NotReady) as e:
+            return _error(e)
+
+    @bentoml.api(route="/similar-items")
+    async def similar_items(self, article_id: ArticleId, top_k: TopK = DEFAULT_TOP_K) -> SimilarResponse:
+        """Articles nearest to an article, through the same index (item-to-item)."""
+        try:
+            served = self.runtime.holder.require()
+            return _json(served.similar_items(article_id, top_k))
+        except (RequestError, NotReady) as e:
+            return _error(e)
+
+    @bentoml.api(route="/admin/reload")
+    async def admin_reload(self, ctx: bentoml.Context, force: bool = False) -> dict:
+        """Check the alias now (202; watch /metadata). Needs ``Authorization: Bearer <HM_RECSYS_ADMIN_TOKEN>``."""
+        # with a context parameter BentoML takes the status from ctx.response, not from the Response
+        serve = self.runtime.serve
+        if not serve.admin_token:
+            ctx.response.status_code = 403
+            return _json({"error": "the admin endpoint is disabled: start the service with "
+                                   "HM_RECSYS_ADMIN_TOKEN set"}, 403)
+        auth = ctx.request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not serve.token_ok(token.strip()):
+            ctx.response.status_code = 401
+            return _json({"error": "missing or wrong admin token (Authorization: Bearer <token>)"}, 401)
+        self.runtime.reloader.request(force=force)
+        current = self.runtime.holder.current()
+        ctx.response.status_code = 202
+        return _json({"status": "reload requested", "serving": current.version if current else None,
+                      "pid": os.getpid()}, 202)
+
+
+RecommendationService.add_asgi_middleware(RequestGuard)

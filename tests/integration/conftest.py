@@ -1,0 +1,199 @@
+"""Registered model versions for serving tests: tiny trained models in a real MLflow registry.
+
+``served_models`` (session) trains two tiny two-tower models on the tiny
+warehouse (one data preparation, two seeds, one epoch each: seconds), and
+publishes each the way the pipeline does: the bundle as the run's
+``bundle/`` artifact, ``Registry.register``, a ScaNN index bound to the new
+version as the run's ``index/`` artifact. Version 1 is promoted to champion;
+version 2 is registered only (the swap test promotes it).
+
+Everything lives in one session runtime folder (sqlite MLflow, artifacts,
+BentoML home); nothing touches $HOME or the repository's var/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    home: Path
+    versions: tuple[str, str]  # (champion at start, challenger to promote)
+    known_customers: tuple[str, ...]  # customers of the bundles' customer table
+    article_ids: tuple[str, ...]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a service process pointed at this runtime folder."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HM_RECSYS_", "MLFLOW_", "BENTOML_"))}
+        env.update({
+            "HM_RECSYS_HOME": str(self.home),
+            "BENTOML_HOME": str(self.home / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "DO_NOT_TRACK": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra)
+        return env
+
+
+def tiny_config(seed: int):
+    from hm_recsys.features import FeatureConfig
+    from hm_recsys.model import ModelConfig
+    from hm_recsys.train import Config, TrainConfig
+
+    return Config(
+        FeatureConfig(history_weeks=4, history_length=8),
+        ModelConfig(embedding_dim=8, customer_layers=(32,), article_layers=(32,), output_dim=16),
+        TrainConfig(train_weeks=4, epochs=1, batch_size=256, uniform_negatives=64, valid_max_customers=200,
+                    threads=1, seed=seed),
+    )
+
+
+def publish(settings, bundle_dir: Path, run_name: str) -> str:
+    """Log ``bundle_dir`` as a run's ``bundle/``, register it, build + log its index; return the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from hm_recsys import bundle
+    from hm_recsys.index import build_index
+    from hm_recsys.registry import BUNDLE_ARTIFACT, INDEX_ARTIFACT, Registry
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    exp = mlflow.get_experiment_by_name(settings.experiment_name)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+        settings.experiment_name, artifact_location=settings.mlflow_artifact_root.as_uri())
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
+        mlflow.log_artifacts(str(bundle_dir), BUNDLE_ARTIFACT)
+        mlflow.log_text("serving tests log no pyfunc model", "model/MLmodel")
+    version = Registry(settings).register(run.info.run_id).version
+    rec = bundle.load(bundle_dir)
+    index_dir = settings.layout.run_dir(run.info.run_id) / "index"
+    build_index(rec.article_ids, rec.article_embeddings(), index_dir, version,
+                eval_queries=rec.customer_embeddings(rec.known_customer_ids()[:300]))
+    MlflowClient(settings.mlflow_tracking_uri).log_artifacts(run.info.run_id, str(index_dir), INDEX_ARTIFACT)
+    return version
+
+
+@pytest.fixture(scope="session")
+def served_models(tiny_warehouse_ro, tmp_path_factory) -> ServedModels:
+    from hm_recsys import bundle, train
+    from hm_recsys.config import Settings
+    from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.registry import Registry
+    from hm_recsys.split import Split
+
+    home = tmp_path_factory.mktemp("serving") / "var"
+    settings = Settings.from_env({"HM_RECSYS_HOME": str(home)})
+    wh = Warehouse(tiny_warehouse_ro)
+    cfg = tiny_config(seed=1)
+    split = Split.from_warehouse(wh, train_weeks=cfg.train.train_weeks)
+    prep = train.prepare(wh, split, cfg, home / "scratch", progress=False)
+    versions = []
+    for seed in (1, 2):
+        cfg = tiny_config(seed)
+        model, _, _ = train.fit(prep, cfg, progress=False)
+        rec = train.recommender(model, prep, prep.end_history, prep.end_raw)
+        full = {"features": cfg.features.to_dict(), "model": model.config.to_dict(),
+                "train": dataclasses.asdict(cfg.train)}
+        out = bundle.save(home / "bundles" / f"seed{seed}", rec, full, prep.data_window,
+                          {"holdout": {"two-tower": {"recall@12": 0.0}}, "seed": seed})
+        versions.append(publish(settings, out, f"serving-test-seed{seed}"))
+    shutil.rmtree(home / "scratch", ignore_errors=True)
+    Registry(settings).promote(versions[0])
+    return ServedModels(home, (versions[0], versions[1]), tuple(str(c) for c in prep.tables.customer_index[:50]),
+                        tuple(str(a) for a in prep.tables.article_index))
+
+
+# ---------------------------------------------------------------------------
+# A real server process
+# ---------------------------------------------------------------------------
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (from /proc). BentoML's arbiter starts each worker in a
+    session of its own, so signalling the arbiter's process group does not reach the workers."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group (the arbiter stops its workers), then SIGKILL whatever of ours is left."""
+    if proc.poll() is not None:
+        return
+    below = descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``hm-recsys serve`` in its own process group, stopped by PID (group) on exit."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hm_recsys.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"the service was not ready within {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        kill_tree(self.proc)
+        self._log.close()
