@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("hm_recsys.evaluate:main", "score baselines (and the oracle) on a holdout week; print the comparison table"),
     "train": ("hm_recsys.train:main", "train the two towers on a time split; log the run to MLflow"),
     "retrain": ("hm_recsys.pipeline:retrain_main", "the whole retraining flow without Airflow: train, register, index, gate, promote"),
+    "gate": ("hm_recsys.pipeline:gate_main", "judge a model version against the champion on a holdout week (and promote)"),
     "promote": ("hm_recsys.pipeline:promote_main", "promote a model version by hand (recorded reason)"),
     "rollback": ("hm_recsys.pipeline:rollback_main", "restore the previous champion"),
     "serve": ("hm_recsys.serving:main", "run the recommendation service (BentoML) on 127.0.0.1; hot-swaps the champion"),

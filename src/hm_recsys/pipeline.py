@@ -360,7 +360,12 @@ def deploy(promoted: Mapping, settings: Settings | None = None) -> dict:
     """Build the Bento for the new champion and switch a running service to it."""
     from hm_recsys import deploy as deployment
 
-    return deployment.deploy(str(promoted["version"]), settings or Settings.from_env())
+    # HM_RECSYS_DEPLOY_BENTO=0 skips `bentoml build` (the service switch still happens):
+    # for test runs of the DAG, where the Bento build is covered by the service's own tests.
+    build = os.environ.get("HM_RECSYS_DEPLOY_BENTO", "1") != "0"
+    out = deployment.deploy(str(promoted["version"]), settings or Settings.from_env(), build=build)
+    print(f"deployed version {out['version']}: bento {out.get('bento')}, service {out['service']['status']}")
+    return {"version": out["version"], "bento": out.get("bento"), "service": out["service"]["status"]}
 
 
 # -- promote / keep / report ---------------------------------------------------------
@@ -439,6 +444,48 @@ def retrain_main(argv: list[str] | None = None) -> int:
         print(f"hm-recsys retrain: {e}", file=sys.stderr)
         return 1
     return 0 if decision["promote"] else 3  # 3: trained fine, the gate kept the champion
+
+
+def gate_main(argv: list[str] | None = None) -> int:
+    """``hm-recsys gate``: score a registered version against the champion and print the decision.
+
+    Both are served through their own ScaNN indexes on the same holdout week,
+    next to popularity (and the oracle on generated data). The decision and its
+    reason are tagged on the version. ``--promote`` also acts on it.
+    Exit status: 0 promote, 3 keep the champion, 1 error.
+    """
+    import argparse
+
+    from hm_recsys.registry import CHALLENGER, Registry, RegistryError
+
+    p = argparse.ArgumentParser(prog="hm-recsys gate", description=gate_main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", help="model version to judge (default: the 'challenger' alias)")
+    p.add_argument("--holdout-week", help="YYYY-MM-DD, any day of the week (default: the week the version "
+                                          "was gated on at training, else the warehouse's last complete week)")
+    p.add_argument("--promote", action="store_true", help="promote the version if the gate says so")
+    _common_gate_args(p)
+    a = p.parse_args(argv)
+    settings = Settings.from_env()
+    reg = Registry(settings)
+    try:
+        info = reg.version(a.version) if a.version else reg.get(CHALLENGER)
+        if info is None:
+            raise RegistryError("no version has the 'challenger' alias yet; pass --version")
+        files = reg.fetch(info.version)
+        wh = Warehouse(settings.layout.warehouse_dir)
+        holdout = a.holdout_week or info.tags.get("holdout_start")
+        split = Split.from_warehouse(wh, train_weeks=1, holdout_week=dt.date.fromisoformat(holdout) if holdout else None)
+    except (RegistryError, ValueError) as e:
+        print(f"hm-recsys gate: {e}", file=sys.stderr)
+        return 1
+    indexed = {"version": info.version, "split": split.to_dict(), "warehouse": str(wh.root),
+               "bundle_dir": str(files.bundle_dir), "index_dir": str(files.index_dir), "mlflow_run_id": info.run_id}
+    params = {"gate_margin": a.gate_margin, "force_promote": a.force_reason is not None, "force_reason": a.force_reason}
+    decision = evaluate(indexed, params, settings=settings)
+    if decision["promote"] and a.promote:
+        promote(decision, settings)
+    return 0 if decision["promote"] else 3
 
 
 def promote_main(argv: list[str] | None = None) -> int:
