@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 SCALE ?= small
 SEED ?= 42
 
-.PHONY: help setup demo test test-fast bench lock clean distclean airflow mlflow stop status
+.PHONY: help setup demo test test-fast bench lock clean distclean airflow mlflow serve stop status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,9 +34,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
-demo: setup  ## end to end on embedded defaults: generate, ingest (more stages as they land)
-	$(BIN)/hm-recsys generate --scale $(SCALE) --seed $(SEED) --out $(HM_RECSYS_HOME)/data/raw
-	$(BIN)/hm-recsys ingest --raw $(HM_RECSYS_HOME)/data/raw
+demo: setup  ## end to end: generate, ingest, retrain through Airflow twice (promote, refuse), serve, query
+	SCALE=$(SCALE) SEED=$(SEED) scripts/demo.sh
 
 test: setup  ## run the whole test suite
 	$(BIN)/python -m pytest -q
@@ -44,11 +43,21 @@ test: setup  ## run the whole test suite
 test-fast: setup  ## unit and data tests only (no services)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
-bench: setup  ## benchmarks (figures printed as ratios against in-run baselines)
+bench: setup  ## all benchmarks at SCALE (figures printed as ratios against in-run baselines)
+	$(BIN)/python bench/generate.py --scale $(SCALE)
 	$(BIN)/python bench/ingest.py --scale $(SCALE)
+	$(BIN)/python bench/validate.py --scale $(SCALE)
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/evaluate.py
+	$(BIN)/python bench/index.py
+	$(BIN)/python bench/serve.py --scale $(if $(filter tiny,$(SCALE)),tiny,small)
+	$(BIN)/python bench/dag_parse.py
 
 airflow: setup  ## start Airflow (api-server, scheduler, dag-processor, triggerer) on 127.0.0.1:8080
 	scripts/stack.sh start airflow
+
+serve: setup  ## start the recommendation service (the champion) on 127.0.0.1:3000
+	scripts/stack.sh start serve
 
 mlflow: setup  ## start the MLflow UI on 127.0.0.1:5000
 	scripts/stack.sh start mlflow
