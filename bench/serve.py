@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from hm_recsys.procs import free_port, kill_tree
 
 # BentoML's own defaults for the settings hm_recsys.service changes (access log, metrics, tracing, threads)
 STOCK_BENTOML = {"threads": 1, "logging": {"access": {"enabled": True}}, "metrics": {"enabled": True},
@@ -171,29 +170,6 @@ def run_baseline(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 class Proc:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path):
         self.name, self.log = name, log
@@ -218,22 +194,7 @@ class Proc:
         raise TimeoutError(f"{self.name} not ready after {timeout} s; log:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
-        """SIGTERM the group (BentoML's arbiter stops its workers), then SIGKILL any of ours left.
-
-        The arbiter starts each worker in a session of its own: a group signal alone misses them.
-        """
-        if self.p.poll() is None:
-            below = descendants(self.p.pid)
-            try:
-                os.killpg(self.p.pid, signal.SIGTERM)
-                self.p.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-            for pid in below:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        kill_tree(self.p)
         self._fh.close()
 
 

@@ -13,12 +13,9 @@ BentoML home); nothing touches $HOME or the repository's var/.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from hm_recsys.procs import free_port, kill_tree
 
 
 @dataclass(frozen=True)
@@ -121,47 +120,6 @@ def served_models(tiny_warehouse_ro, tmp_path_factory) -> ServedModels:
 # ---------------------------------------------------------------------------
 # A real server process
 # ---------------------------------------------------------------------------
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (from /proc). BentoML's arbiter starts each worker in a
-    session of its own, so signalling the arbiter's process group does not reach the workers."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def kill_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the process group (the arbiter stops its workers), then SIGKILL whatever of ours is left."""
-    if proc.poll() is not None:
-        return
-    below = descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    for pid in below:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class ServerProcess:
     """``hm-recsys serve`` in its own process group, stopped by PID (group) on exit."""

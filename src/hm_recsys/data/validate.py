@@ -249,8 +249,22 @@ def to_json(obj) -> str:
                       allow_nan=False)
 
 
+class _Verdict:
+    """A report's verdict from its ``checks``: rejected as soon as one check is bad."""
+
+    checks: list[CheckResult]
+
+    @property
+    def status(self) -> str:
+        return "rejected" if any(c.bad for c in self.checks) else "accepted"
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.bad]
+
+
 @dataclass
-class DropReport:
+class DropReport(_Verdict):
     """Everything known about one drop after validation. ``status``: ``accepted`` or ``rejected``."""
 
     file: str
@@ -267,13 +281,6 @@ class DropReport:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step: reference, read, gx
     gx_results: list = field(default_factory=list, repr=False)  # GX result ids, for Data Docs
 
-    @property
-    def status(self) -> str:
-        return "rejected" if any(c.bad for c in self.checks) else "accepted"
-
-    @property
-    def failures(self) -> list[CheckResult]:
-        return [c for c in self.checks if c.bad]
 
     @property
     def failed_checks(self) -> list[str]:
@@ -1376,7 +1383,7 @@ def _column_diff(got: Sequence[str], expected: Sequence[str]) -> str:
 # The initial history (the three files), week by week
 # ==========================================================================
 @dataclass
-class HistoryReport:
+class HistoryReport(_Verdict):
     """Validation of ``articles.csv``, ``customers.csv`` and ``transactions_train.csv``.
 
     ``checks``: one merged CheckResult per (table, check) over all batches;
@@ -1393,13 +1400,6 @@ class HistoryReport:
     seconds: float = 0.0
     gx_failed_results: list = field(default_factory=list, repr=False)
 
-    @property
-    def status(self) -> str:
-        return "rejected" if any(c.bad for c in self.checks) else "accepted"
-
-    @property
-    def failures(self) -> list[CheckResult]:
-        return [c for c in self.checks if c.bad]
 
     def summary(self) -> str:
         rows = ", ".join(f"{t}: {n} rows" for t, n in self.rows.items())
