@@ -188,8 +188,10 @@ def _is_from(path, batch) -> bool:
     return all(p in pairs for p in zip(batch.customer_rows.tolist(), batch.cand_rows[:8].tolist()))
 
 
-def test_tiny_end_to_end_beats_random_and_is_deterministic(tiny_prep):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tiny_end_to_end_beats_random_and_is_deterministic(tiny_prep, threads):
     _, _, cfg, prep = tiny_prep
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
     model, logs, best = T.fit(prep, cfg, progress=False)
     random_recall = 12 / prep.tables.n_articles
     valid = logs[best - 1].valid
@@ -199,6 +201,7 @@ def test_tiny_end_to_end_beats_random_and_is_deterministic(tiny_prep):
     assert best2 == best and [e.valid for e in logs2] == [e.valid for e in logs]
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+    assert not torch.are_deterministic_algorithms_enabled()  # the global switch is restored
 
 
 def test_early_stopping_keeps_the_best_epoch(tiny_prep):
