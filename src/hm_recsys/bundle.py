@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +44,7 @@ from hm_recsys.features import (
     History,
     Tables,
 )
+from hm_recsys.fsutil import staged_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -323,9 +321,7 @@ def save(folder: Path | str, rec: Recommender, config: Mapping[str, Any], data_w
     import torch
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_dir(folder) as tmp:
         doc = {"format_version": FORMAT_VERSION, **{k: config[k] for k in ("features", "model", "train")},
                "history_as_of": rec.as_of.isoformat(), "files": FILES}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -343,12 +339,6 @@ def save(folder: Path | str, rec: Recommender, config: Mapping[str, Any], data_w
         rec.history.save(feats / HISTORY)
         (tmp / DATA_WINDOW).write_text(json.dumps(dict(data_window), indent=2, default=str) + "\n")
         (tmp / METRICS).write_text(json.dumps(dict(metrics), indent=2, default=_json_number) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -25,17 +25,15 @@ a clear error instead of a crash or, worse, silently wrong neighbours.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from hm_recsys.fsutil import file_sha256, staged_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -235,14 +233,6 @@ class IndexManifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_index(
     article_ids: list[str],
     embeddings: np.ndarray,
@@ -293,14 +283,12 @@ def build_index(
             f"ScaNN recall@12 vs exact {recall:.4f} < floor {min_recall} after {len(tried)} settings ({detail}); not published"
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         np.save(tmp / EMB_FILE, emb)
         (tmp / IDS_FILE).write_text(json.dumps(list(article_ids)))
         index.save(tmp / SCANN_DIR)
         files = {
-            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         manifest = IndexManifest(
             model_version=str(model_version),
@@ -315,17 +303,6 @@ def build_index(
             files=files,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -361,7 +338,7 @@ def verify_index(folder: Path, expected_model_version: str | None = None, expect
     if extra := sorted(on_disk - set(m.files)):
         raise IndexIntegrityError(f"{folder}: files not in the manifest: {extra}")
     for rel, digest in m.files.items():
-        if _sha256(folder / rel) != digest:
+        if file_sha256(folder / rel) != digest:
             raise IndexIntegrityError(f"{folder / rel}: checksum mismatch (truncated or modified)")
     return m
 

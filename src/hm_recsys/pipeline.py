@@ -19,12 +19,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from hm_recsys.config import Settings
 from hm_recsys.data.warehouse import Warehouse
+from hm_recsys.fsutil import file_sha256, staged_dir
 from hm_recsys.split import Split
 
 SNAPSHOT_MANIFEST = "snapshot.json"
@@ -78,14 +78,6 @@ def check_data(params: Mapping, run_id: str, settings: Settings | None = None) -
 
 
 # -- build_snapshot ----------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -109,9 +101,8 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
     if manifest_path.exists():
         return json.loads(manifest_path.read_text())
 
-    dst_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".snapshot.", dir=dst_root.parent))
-    try:
+    # An existing folder without a manifest is a previous attempt that died: staged_dir replaces it.
+    with staged_dir(dst_root) as tmp:
         dst = Warehouse(tmp)
         files: list[tuple[Path, Path]] = [
             (src.paths.articles, dst.paths.articles),
@@ -127,7 +118,7 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
         digest = hashlib.sha256()
         for s, d in files:
             _link_or_copy(s, d)
-            digest.update(f"{d.relative_to(tmp)}\0{_sha256(d)}\n".encode())
+            digest.update(f"{d.relative_to(tmp)}\0{file_sha256(d)}\n".encode())
         out = {
             "split": split.to_dict(),
             "warehouse": str(dst_root),
@@ -135,12 +126,6 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
             "files": len(files),
         }
         (tmp / SNAPSHOT_MANIFEST).write_text(json.dumps(out, indent=2))
-        if dst_root.exists():  # a previous attempt died before writing its manifest
-            shutil.rmtree(dst_root)
-        os.replace(tmp, dst_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"snapshot: {out['files']} files, data hash {out['data_hash'][:12]} at {dst_root}")
     return out
 

@@ -21,14 +21,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from hm_recsys.config import Settings
+from hm_recsys.fsutil import staged_dir
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -215,19 +213,14 @@ class Registry:
             raise RegistryError(f"version {mv.version} has no MLflow run to fetch artifacts from")
         root = self.settings.layout.model_dir(mv.version)
         if not (root / "bundle").is_dir() or not (root / "index").is_dir():
-            root.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}.", dir=root.parent))
             try:
-                for art in (BUNDLE_ARTIFACT, INDEX_ARTIFACT):
-                    mlflow.artifacts.download_artifacts(
-                        run_id=mv.run_id, artifact_path=art, dst_path=str(tmp),
-                        tracking_uri=self.settings.mlflow_tracking_uri,
-                    )
-                if root.exists():
-                    shutil.rmtree(root)
-                os.replace(tmp, root)
+                with staged_dir(root) as tmp:
+                    for art in (BUNDLE_ARTIFACT, INDEX_ARTIFACT):
+                        mlflow.artifacts.download_artifacts(
+                            run_id=mv.run_id, artifact_path=art, dst_path=str(tmp),
+                            tracking_uri=self.settings.mlflow_tracking_uri,
+                        )
             except Exception as e:
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise RegistryError(f"cannot fetch version {mv.version} (run {mv.run_id}): {e}") from e
         verify_index(root / "index", expected_model_version=mv.version)
         return VersionFiles(mv.version, root / "bundle", root / "index")

@@ -35,7 +35,6 @@ import contextlib
 import csv
 import datetime as dt
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -53,6 +52,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from hm_recsys.data import schema
+from hm_recsys.fsutil import file_sha256
 from hm_recsys.layout import WarehouseLayout
 
 __all__ = [
@@ -735,15 +735,6 @@ def _date_range(paths: WarehouseLayout, weeks: list[dt.date]) -> tuple[str | Non
 def drop_source(sha256: str) -> str:
     """The source name of a drop's part files: ``part-<drop_source(sha)>.parquet`` (see ``WarehouseLayout.week_part``)."""
     return f"drop-{sha256[:12]}"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_ledger(warehouse_dir: Path) -> dict[str, dict]:
