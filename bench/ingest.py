@@ -17,43 +17,17 @@ the full 3.3 GB file is an ingest peak RSS under 4 GiB.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
+
+from _measure import measure  # bench/ is the script's folder, so first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RSS_TARGET_MIB = 4096
 
-# Libraries are imported before the clock starts: the figures are the work, not interpreter start-up.
-_PRELUDE = """
-import json, resource, sys, time
-import numpy, pandas, pyarrow, pyarrow.csv, pyarrow.parquet
-import hm_recsys.data.ingest
-t0 = time.perf_counter()
-_ru = resource.getrusage(resource.RUSAGE_SELF)
-cpu0 = _ru.ru_utime + _ru.ru_stime
-"""
-_EPILOGUE = """
-ru = resource.getrusage(resource.RUSAGE_SELF)
-print("@@" + json.dumps({"seconds": time.perf_counter() - t0, "cpu": ru.ru_utime + ru.ru_stime - cpu0,
-                         "peak_mib": ru.ru_maxrss / 1024, **extra}))
-"""
-
-
-def measure(label: str, body: str, env: dict) -> dict:
-    """Run ``body`` (which sets ``extra``: a dict) in a fresh interpreter; return its time and peak RSS."""
-    code = _PRELUDE + textwrap.dedent(body) + _EPILOGUE
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"{label} failed:\n{proc.stderr}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("@@"))
-    out = json.loads(line[2:])
-    print(f"  done: {label} ({out['seconds']:.1f} s)", file=sys.stderr)
-    return out
+_INGEST = "import hm_recsys.data.ingest"
 
 
 def du(path: Path) -> int:
@@ -80,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 from hm_recsys.data.synthetic import generate
                 generate({str(raw)!r}, scale={args.scale!r}, seed={args.seed}, progress=False, drop_weeks=1)
                 extra = {{}}
-            """, env)
+            """, env, imports=_INGEST)
             rows.append((f"generate ({args.scale}, 1 drop week)", gen))
         else:
             raw = args.raw
@@ -94,21 +68,21 @@ def main(argv: list[str] | None = None) -> int:
             reader = pcsv.open_csv({str(tx)!r}, read_options=pcsv.ReadOptions(block_size=16 << 20),
                                    convert_options=pcsv.ConvertOptions(column_types={{c: pa.binary() for c in cols}}))
             extra = {{"rows": sum(b.num_rows for b in reader)}}
-        """, env)
+        """, env, imports=_INGEST)
         rows.append(("baseline: open_csv parse only", base))
         if size <= (1 << 30) or args.in_memory:
             rc = measure("pyarrow.csv.read_csv", f"""
                 import pyarrow.csv as pcsv
                 t = pcsv.read_csv({str(tx)!r})
                 extra = {{"rows": t.num_rows}}
-            """, env)
+            """, env, imports=_INGEST)
             rows.append(("pyarrow.csv.read_csv (in memory)", rc))
             pdr = measure("pandas.read_csv", f"""
                 import pandas as pd
                 from hm_recsys.data import schema
                 df = pd.read_csv({str(tx)!r}, **schema.read_csv_kwargs("transactions"))
                 extra = {{"rows": len(df)}}
-            """, env)
+            """, env, imports=_INGEST)
             rows.append(("pandas.read_csv (in memory, strings)", pdr))
 
         wh = work / "warehouse"
@@ -116,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             from hm_recsys.data.ingest import ingest_history
             r = ingest_history({str(raw)!r}, {str(wh)!r}, progress=False)
             extra = {{"rows": r["rows"]["transactions"], "weeks": len(r["weeks"])}}
-        """, env)
+        """, env, imports=_INGEST)
         rows.append(("ingest_history (3 CSVs)", hist))
         drops = sorted((raw / "drops").glob("*.csv")) if (raw / "drops").is_dir() else []
         if drops:
@@ -124,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 from hm_recsys.data.ingest import ingest_drop
                 r = ingest_drop({str(drops[-1])!r}, {str(wh)!r})
                 extra = {{"rows": r["rows"]}}
-            """, env)
+            """, env, imports=_INGEST)
             rows.append((f"ingest_drop ({drops[-1].name})", drop))
         wh_tx = du(wh / "transactions")
 

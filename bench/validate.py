@@ -24,45 +24,18 @@ under a minute; the full history (31.8M rows) is feasible on this 2-core,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
+
+from _measure import measure  # bench/ is the script's folder, so first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RSS_TARGET_MIB = 4096
 
-_PRELUDE = """
-import datetime as dt, json, resource, sys, time
-from pathlib import Path
-import numpy, pandas, pyarrow, pyarrow.csv, pyarrow.parquet
-{imports}
-t0 = time.perf_counter()
-_ru = resource.getrusage(resource.RUSAGE_SELF)
-cpu0 = _ru.ru_utime + _ru.ru_stime
-"""
-_EPILOGUE = """
-ru = resource.getrusage(resource.RUSAGE_SELF)
-print("@@" + json.dumps({"seconds": time.perf_counter() - t0, "cpu": ru.ru_utime + ru.ru_stime - cpu0,
-                         "peak_mib": ru.ru_maxrss / 1024, **extra}))
-"""
 _GX = "from hm_recsys.data import validate as V\nrunner = V.GxRunner.shared()"
-
-
-def measure(label: str, body: str, env: dict, imports: str = "") -> dict:
-    """Run ``body`` (which sets ``extra``: a dict) in a fresh interpreter; return its time and peak RSS."""
-    code = _PRELUDE.format(imports=imports) + textwrap.dedent(body) + _EPILOGUE
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"{label} failed:\n{proc.stderr[-4000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("@@"))
-    out = json.loads(line[2:])
-    print(f"  done: {label} ({out['seconds']:.1f} s)", file=sys.stderr)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
