@@ -16,6 +16,7 @@ import sys
 # name -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("hm_recsys.data.synthetic:main", "write a synthetic dataset in H&M's exact CSV format (+ oracle)"),
+    "convert": ("hm_recsys.data.movielens:main", "write a public dataset (MovieLens-100k) as the three H&M files: a real dev set"),
     "ingest": ("hm_recsys.data.ingest:main", "load H&M CSVs or weekly drops into the Parquet warehouse"),
     "validate": ("hm_recsys.data.drops:main", "validate drops or the initial history with Great Expectations; quarantine rejects"),
     "evaluate": ("hm_recsys.evaluate:main", "score baselines (and the oracle) on a holdout week; print the comparison table"),
