@@ -13,6 +13,7 @@ a whole run at a temporary directory by building ``Layout(tmp_path)``.
       data/quarantine/<drop>/         rejected drops, byte for byte, with their reports
       data/processed/                 accepted drops, kept for audit
       data/validation/history/        report of the last validation of the initial history
+      data/validation/drops/<drop>/   report.json + drift.png of each accepted drop (rejected: in quarantine/<drop>/)
       data/warehouse/
         articles.parquet
         customers.parquet
@@ -105,6 +106,11 @@ class Layout:
     def train_scratch_dir(self, run_id: str) -> Path:
         """Weekly training shards of a run; deleted when training ends."""
         return self.run_dir(run_id) / "train-shards"
+
+    @property
+    def drop_reports_dir(self) -> Path:
+        """Reports of accepted drops, one ``<stem>-<sha12>/`` folder each (``report.json``, ``drift.png``)."""
+        return self.validation_dir / "drops"
 
 
 @dataclass(frozen=True)

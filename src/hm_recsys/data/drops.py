@@ -5,11 +5,20 @@ For every ``*.csv`` in the incoming folder, oldest first (the order
 validation hook):
 
 * **accepted** -> ``ingest_drop`` (one part per week, idempotent by sha256) and
-  moved to ``processed/``;
+  moved to ``processed/``; its ``report.json`` and ``drift.png`` go to
+  ``validation/drops/<stem>-<sha12>/`` (``Layout.drop_reports_dir``);
 * **rejected** -> moved byte for byte to ``quarantine/<stem>-<sha12>/`` next to
   ``report.json`` (which checks failed, counts, example rows with line
-  numbers) and ``data_docs/`` (GX Data Docs HTML). The command exits 1 and
-  prints a one-paragraph summary per rejected drop on stderr.
+  numbers), ``data_docs/`` (GX Data Docs HTML) and ``drift.png``. The command
+  exits 1 and prints a one-paragraph summary per rejected drop on stderr.
+
+Every drop, accepted or rejected, is also measured against the training
+window (``hm_recsys.data.drift``: prices, channels, category mix, new
+customers and articles) before it is ingested: the ``drift`` section of its
+``report.json``, ``drift.png`` next to it, and ``drift_verdict`` /
+``drift_report`` / ``drift_plot`` in its outcome. Drift never rejects a drop
+and a failure to compute it never changes the drop's fate (it is recorded as
+verdict ``error``).
 
 Nothing is lost, and a file sent again is recognised:
 
@@ -39,6 +48,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hm_recsys.data.drift import DriftConfig, drift_for_drop, plot_drift
 from hm_recsys.data.validate import (
     FAILED,
     CheckResult,
@@ -51,6 +61,7 @@ from hm_recsys.data.validate import (
     validate_history,
     write_report,
 )
+from hm_recsys.layout import Layout
 
 __all__ = ["DropsRejected", "find_quarantined", "main", "process_incoming", "quarantine", "validate_incoming"]
 
@@ -108,29 +119,87 @@ def _move_exact(src: Path, dest: Path, sha256: str) -> None:
     src.unlink()
 
 
-def quarantine(path: Path, report: DropReport, quarantine_dir: Path, runner: GxRunner | None = None) -> dict:
-    """Move a rejected drop to its quarantine folder with ``report.json`` and ``data_docs/``.
+def quarantine(path: Path, report: DropReport, quarantine_dir: Path, runner: GxRunner | None = None,
+               drift: dict | None = None) -> dict:
+    """Move a rejected drop to its quarantine folder with ``report.json``, ``data_docs/`` and ``drift.png``.
 
-    The report and the Data Docs are written first and the file moved last, so
-    a folder whose file is missing is an interrupted quarantine (redone next
-    time). Returns ``{"quarantine", "quarantined_file", "report", "data_docs"}`` as strings.
+    ``drift``: the drop's ``drift_report`` (its ``drift`` section; plotted as
+    ``drift.png``). The report, the Data Docs and the plot are written first
+    and the file moved last, so a folder whose file is missing is an
+    interrupted quarantine (redone next time). Returns ``{"quarantine",
+    "quarantined_file", "report", "data_docs"}`` as strings, plus
+    ``{"drift_verdict", "drift_report", "drift_plot"}`` when ``drift`` is given.
     """
     path = Path(path)
     folder = quarantine_folder(quarantine_dir, path.name, report.sha256)
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / path.name
-    written = write_report(report, folder, runner, extra={"quarantined_file": str(dest)})
+    keys = _write_drift_plot(drift, folder)
+    extra = {"quarantined_file": str(dest), **({"drift": drift} if drift is not None else {})}
+    written = write_report(report, folder, runner, extra=extra)
     _move_exact(path, dest, report.sha256)
     return {
         "quarantine": str(folder),
         "quarantined_file": str(dest),
         "report": str(written["report"]),
         "data_docs": str(written["data_docs"]) if "data_docs" in written else None,
+        **keys,
     }
 
 
-def _log_resubmission(folder: Path, file_name: str, report: DropReport) -> dict:
-    """Append ``{file, at, status, failed_checks}`` to the quarantined report's ``resubmissions``."""
+# --------------------------------------------------------------------------
+# Drift (a warning signal: it never decides a drop's fate)
+# --------------------------------------------------------------------------
+def _drift(path: Path, report: DropReport, warehouse_dir: Path, config: DriftConfig | None) -> dict:
+    """The drop's drift against the warehouse as it is now (before this drop is ingested); never raises."""
+    week = dt.date.fromisoformat(report.declared_week) if report.declared_week else None
+    return drift_for_drop(path, week, warehouse_dir, config)
+
+
+def _write_drift_plot(drift: dict | None, folder: Path) -> dict:
+    """Plot ``drift`` as ``<folder>/drift.png``; returns the outcome's drift keys (the report is
+    ``<folder>/report.json``). A plotting failure is recorded in ``drift`` (``plot_error``), never raised."""
+    if drift is None:
+        return {}
+    plot: Path | None = folder / "drift.png"
+    try:
+        plot_drift(drift, plot)
+    except Exception as exc:  # noqa: BLE001 (a plot must never lose the drop)
+        drift["plot_error"] = f"{type(exc).__name__}: {exc}"
+        plot = None
+    drift["plot"] = str(plot) if plot else None
+    return {"drift_verdict": drift["verdict"], "drift_report": str(folder / "report.json"),
+            "drift_plot": drift["plot"]}
+
+
+def _drift_clause(drift: dict | None) -> str:
+    """One sentence for a drop's summary: the drift verdict and the metrics that raised it."""
+    if drift is None:
+        return ""
+    verdict = drift["verdict"]
+    if verdict == "error":
+        return f" Drift: ERROR, not computed ({drift.get('error')})."
+    n = len((drift.get("reference") or {}).get("weeks") or [])
+    flagged = [f"{name.replace('_', ' ')} {m['verdict']}" for name, m in drift["metrics"].items()
+               if m["verdict"] in ("warn", "drift")]
+    what = f" ({', '.join(flagged)})" if flagged else ""
+    return f" Drift vs {n} reference week(s): {verdict.upper()}{what}."
+
+
+def _default_reports_dir(processed_dir: Path) -> Path:
+    """``Layout.drop_reports_dir`` of the layout that ``processed_dir`` belongs to (the two folders' relation
+    is taken from ``Layout``, so this follows it if it moves)."""
+    probe = Layout(Path("/h"))
+    return Path(processed_dir).parent / os.path.relpath(probe.drop_reports_dir, probe.processed_dir.parent)
+
+
+def _log_resubmission(folder: Path, file_name: str, report: DropReport, drift: dict | None = None,
+                      latest_drift: bool = False) -> dict:
+    """Append ``{file, at, status, failed_checks, drift_verdict}`` to the quarantined report's ``resubmissions``.
+
+    ``latest_drift``: these bytes stay in this folder (rejected again), so its
+    ``drift`` section (and ``drift.png``, written by the caller) become this attempt's.
+    """
     rep = folder / "report.json"
     stored = json.loads(rep.read_text(encoding="utf-8"))
     stored.setdefault("resubmissions", []).append({
@@ -139,7 +208,10 @@ def _log_resubmission(folder: Path, file_name: str, report: DropReport) -> dict:
         "run_date": report.run_date,
         "status": report.status,
         "failed_checks": report.failed_checks,
+        "drift_verdict": drift["verdict"] if drift is not None else None,
     })
+    if latest_drift and drift is not None:
+        stored["drift"] = drift
     tmp = folder / ".report.json.tmp"
     tmp.write_text(to_json(stored) + "\n", encoding="utf-8")
     tmp.replace(rep)
@@ -176,6 +248,9 @@ def _outcome(report: DropReport) -> dict:
         "report": None,
         "data_docs": None,
         "already_quarantined": False,
+        "drift_verdict": None,
+        "drift_report": None,
+        "drift_plot": None,
     }
 
 
@@ -188,17 +263,26 @@ def process_incoming(
     config: ValidationConfig | None = None,
     runner: GxRunner | None = None,
     progress: bool = False,
+    drift_config: DriftConfig | None = None,
+    reports_dir: Path | None = None,
 ) -> dict:
     """Validate every drop in ``incoming_dir``; ingest + move the accepted, quarantine the rejected.
 
-    Drops are taken oldest first (mtime, then name), each validated against
-    the warehouse as the drops before it left it. Returns ``{"run_date": ISO,
-    "accepted": n, "rejected": n, "drops": [outcome, ...]}`` where an outcome is
-    ``{"file", "sha256", "week", "status": "accepted"|"rejected", "rows",
-    "failed_checks", "skipped_checks", "ingest": "ingested"|"duplicate"|None,
-    "moved_to", "quarantine", "quarantined_file", "report", "data_docs", "already_quarantined",
-    "summary"}`` (paths as strings). Raises ``ValidationSetupError`` if the
-    warehouse has no catalogue yet.
+    Drops are taken oldest first (mtime, then name), each validated (and its
+    drift measured) against the warehouse as the drops before it left it.
+    ``drift_config``: default ``DriftConfig.from_env()``. ``reports_dir``:
+    where accepted drops get their ``<stem>-<sha12>/`` report folder
+    (default: the ``Layout.drop_reports_dir`` beside ``processed_dir``).
+    Returns ``{"run_date": ISO, "accepted": n, "rejected": n, "drops":
+    [outcome, ...]}`` where an outcome is ``{"file", "sha256", "week",
+    "status": "accepted"|"rejected", "rows", "failed_checks",
+    "skipped_checks", "ingest": "ingested"|"duplicate"|None, "moved_to",
+    "quarantine", "quarantined_file", "report", "data_docs",
+    "already_quarantined", "drift_verdict":
+    "ok"|"warn"|"drift"|"no-reference"|"no-data"|"error", "drift_report",
+    "drift_plot", "summary"}`` (paths as strings; ``report`` and
+    ``drift_report`` are the same ``report.json``). Raises
+    ``ValidationSetupError`` if the warehouse has no catalogue yet.
     """
     from tqdm.auto import tqdm
 
@@ -208,10 +292,13 @@ def process_incoming(
     incoming_dir, warehouse_dir = Path(incoming_dir), Path(warehouse_dir)
     processed_dir, quarantine_dir = Path(processed_dir), Path(quarantine_dir)
     config = config or ValidationConfig()
+    drift_config = drift_config if drift_config is not None else _drift_config()
+    reports_dir = Path(reports_dir) if reports_dir is not None else _default_reports_dir(processed_dir)
     if not incoming_dir.is_dir():
         raise ValidationSetupError(f"incoming folder {incoming_dir} does not exist")
     outcomes: dict[str, dict] = {}
     reports: dict[str, DropReport] = {}
+    drifts: dict[str, dict] = {}
     # Two runs at once (a double-triggered DAG) would validate and move the same files: the second waits.
     lock = open(incoming_dir / ".validate.lock", "a")  # noqa: SIM115 (held until the end of the function)
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -228,20 +315,24 @@ def process_incoming(
         report = validate_drop(path, warehouse_dir, run_date, config=config, runner=runner, ingested_ok=resumed)
         reports[path.name] = report
         out = outcomes[path.name] = _outcome(report)
+        # Measured now, before ingestion, so that the reference is the weeks before this drop, as validated.
+        drift = drifts[path.name] = _drift(path, report, warehouse_dir, drift_config)
         # The same bytes may sit in quarantine already. They are judged again all the same: a verdict
         # can depend on the name (declared week), the run date and the warehouse, not only on the bytes.
         prior = find_quarantined(quarantine_dir, sha)
         if report.status == "accepted":
             if prior is not None:
-                _log_resubmission(prior, path.name, report)
-            out["summary"] = report.summary()
+                _log_resubmission(prior, path.name, report, drift)
+            out["summary"] = report.summary() + _drift_clause(drift)  # its report is written once it is ingested
             return True
         if prior is None:
-            out.update(quarantine(path, report, quarantine_dir, runner))
+            out.update(quarantine(path, report, quarantine_dir, runner, drift=drift))
             out["summary"] = report.summary(where=out["quarantine"], docs=out["data_docs"] is not None)
+            out["summary"] += _drift_clause(drift)
             return False
         # Rejected again: quarantine holds these very bytes, so this copy goes; the verdict is logged there.
-        stored = _log_resubmission(prior, path.name, report)
+        keys = _write_drift_plot(drift, prior)
+        stored = _log_resubmission(prior, path.name, report, drift, latest_drift=True)
         path.unlink()
         out.update({
             "quarantine": str(prior),
@@ -249,10 +340,11 @@ def process_incoming(
             "report": str(prior / "report.json"),
             "data_docs": stored.get("data_docs"),
             "already_quarantined": True,
+            **keys,
             "summary": report.summary() + (
                 f" These exact bytes were already quarantined in {prior}/; this copy was removed and the "
                 "resubmission logged in its report.json. Fix the file before sending it again."
-            ),
+            ) + _drift_clause(drift),
         })
         return False
 
@@ -272,8 +364,9 @@ def process_incoming(
                                                  "ingestion must be able to store every row", detail=str(exc)))
                 out = outcomes[bad.name]
                 out.update(_outcome(report))
-                out.update(quarantine(bad, report, quarantine_dir, runner))
+                out.update(quarantine(bad, report, quarantine_dir, runner, drift=drifts.get(bad.name)))
                 out["summary"] = report.summary(where=out["quarantine"], docs=out["data_docs"] is not None)
+                out["summary"] += _drift_clause(drifts.get(bad.name))
         by_name = {Path(r["file"]).name: r for r in results}
     finally:
         bar.close()
@@ -291,6 +384,7 @@ def process_incoming(
                  if p.is_file()),
                 None,
             )
+        out.update(_accepted_report(reports[name], drifts.get(name), out, reports_dir))
     drops = list(outcomes.values())
     return {
         "run_date": run_date.isoformat(),
@@ -298,6 +392,26 @@ def process_incoming(
         "rejected": sum(d["status"] == "rejected" for d in drops),
         "drops": drops,
     }
+
+
+def _drift_config() -> DriftConfig | None:
+    """``DriftConfig.from_env()``, or ``None`` when the environment is invalid: drift then reports the error
+    per drop (``drift_for_drop`` reads the environment again and records why) instead of stopping validation."""
+    try:
+        return DriftConfig.from_env()
+    except ValueError:
+        return None
+
+
+def _accepted_report(report: DropReport, drift: dict | None, out: dict, reports_dir: Path) -> dict:
+    """Write an ingested drop's ``report.json`` (validation + drift; no Data Docs) and ``drift.png`` into
+    ``<reports_dir>/<stem>-<sha12>/``. Returns the outcome keys ``report`` and ``drift_*``."""
+    folder = quarantine_folder(reports_dir, report.file, report.sha256)  # the same naming as quarantine's
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = _write_drift_plot(drift, folder)
+    extra = {"ingest": out["ingest"], "moved_to": out["moved_to"], **({"drift": drift} if drift is not None else {})}
+    written = write_report(report, folder, docs=False, extra=extra)
+    return {"report": str(written["report"]), **keys}
 
 
 def validate_incoming(run_date: dt.date, config: ValidationConfig | None = None, fail_on_reject: bool = False,
@@ -313,7 +427,8 @@ def validate_incoming(run_date: dt.date, config: ValidationConfig | None = None,
     layout = Settings.from_env().layout
     layout.incoming_dir.mkdir(parents=True, exist_ok=True)  # nothing arrived yet is not an error
     result = process_incoming(layout.incoming_dir, layout.warehouse_dir, layout.processed_dir,
-                              layout.quarantine_dir, run_date, config=config, progress=progress)
+                              layout.quarantine_dir, run_date, config=config, progress=progress,
+                              reports_dir=layout.drop_reports_dir)
     if fail_on_reject and result["rejected"]:
         raise DropsRejected(result)
     return result
@@ -343,9 +458,10 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--incoming", nargs="?", const=_DEFAULT, metavar="DIR",
                       help="validate every *.csv in DIR (default: $HM_RECSYS_HOME/data/incoming), oldest first: "
-                      "accepted -> ingested and moved to data/processed, rejected -> data/quarantine/<stem>-<sha12>/")
-    what.add_argument("--drop", metavar="FILE", help="validate one drop only: nothing is ingested, moved or written "
-                      "(except --out)")
+                      "accepted -> ingested and moved to data/processed (report and drift plot in "
+                      "data/validation/drops/<stem>-<sha12>/), rejected -> data/quarantine/<stem>-<sha12>/")
+    what.add_argument("--drop", metavar="FILE", help="validate one drop only (and measure its drift): nothing is "
+                      "ingested, moved or written (except --out)")
     what.add_argument("--history", nargs="?", const=_DEFAULT, metavar="DIR",
                       help="validate articles/customers/transactions_train.csv in DIR (default: "
                       "$HM_RECSYS_HOME/data/raw), one H&M week at a time")
@@ -355,7 +471,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="rows dated after this day are 'in the future' (default: today; Airflow passes its "
                    "data interval end)")
     p.add_argument("--warehouse", metavar="DIR", help="warehouse folder (default: $HM_RECSYS_HOME/data/warehouse)")
-    p.add_argument("--out", metavar="DIR", help="--drop/--history: write report.json and data_docs/ here "
+    p.add_argument("--out", metavar="DIR", help="--drop/--history: write report.json and data_docs/ (--drop: and "
+                   "drift.png) here "
                    "(--history default: $HM_RECSYS_HOME/data/validation/history)")
     p.add_argument("--volume-band", type=float, nargs=2, metavar=("LO", "HI"), default=d.volume_band,
                    help=f"accepted row count, as multiples of the recent weekly median (default: {d.volume_band})")
@@ -403,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.incoming == _DEFAULT:
                 incoming.mkdir(parents=True, exist_ok=True)
             result = process_incoming(incoming, warehouse, layout.processed_dir, layout.quarantine_dir, run_date,
-                                      config=config, progress=progress)
+                                      config=config, progress=progress, reports_dir=layout.drop_reports_dir)
             print(to_json(result))
             for d in result["drops"]:
                 if d["status"] == "rejected":
@@ -414,9 +531,12 @@ def main(argv: list[str] | None = None) -> int:
             if not path.is_file():
                 raise ValidationSetupError(f"{path} is not a file")
             report = validate_drop(path, warehouse, run_date, week=args.week, config=config)
-            out = report.to_dict()
+            drift = _drift(path, report, warehouse, _drift_config())
+            out = {**report.to_dict(), "drift": drift}
             if args.out:
-                out["written"] = {k: str(v) for k, v in write_report(report, Path(args.out)).items()}
+                _write_drift_plot(drift, Path(args.out))
+                written = write_report(report, Path(args.out), extra={"drift": drift})
+                out["written"] = {k: str(v) for k, v in written.items()} | {"drift_plot": drift["plot"]}
             print(to_json(out))
             if report.status == "rejected":
                 print(report.summary(), file=sys.stderr)
