@@ -55,7 +55,10 @@ METRIC_ORDER = ("recall@12", "recall@100", "map@12", "ndcg@12", "coverage@12", "
 ORACLE = "oracle"
 POPULARITY = "popularity"
 REPURCHASE = "repurchase+popularity"
+TRENDING = "trending+decayed-repurchase"
+BASELINES = (POPULARITY, REPURCHASE, TRENDING)  # every heuristic the served recommender must beat
 DEFAULT_LOOKBACK_WEEKS = 4
+TRENDING_LOOKBACK_WEEKS = 26  # the kernel's decay reaches zero after ~625 days; 26 weeks hold nearly all its mass
 
 
 # ---------------------------------------------------------------------------
@@ -553,6 +556,91 @@ def repurchase_popularity_baseline(recent_tx: pd.DataFrame, last_week_tx: pd.Dat
     return {c: fill(own.get(c, ()), exclude.get(c, ())) for c in customers}
 
 
+def _kernel_decay(days: np.ndarray) -> np.ndarray:
+    """The published "trending products weekly" kernel's recency weight of a purchase ``days`` ago.
+
+    ``a / sqrt(x) + b * exp(-c x) - d`` with x = max(days, 1), clipped at 0:
+    a steep bonus for the last few days on top of a slow power-law tail that
+    reaches zero after ~625 days (constants as published, a=2.5e4, b=1.5e5,
+    c=0.2, d=1e3).
+    """
+    x = np.maximum(np.asarray(days, dtype=np.float64), 1.0)
+    return np.maximum(2.5e4 / np.sqrt(x) + 1.5e5 * np.exp(-0.2 * x) - 1e3, 0.0)
+
+
+def trending_scores(history_tx: pd.DataFrame, as_of: dt.date) -> tuple[pd.DataFrame, list[str]]:
+    """The two halves of the strongest published H&M heuristic, as of ``as_of``.
+
+    ``history_tx`` (``t_dat, customer_id, article_id``): the transactions
+    before ``as_of``. Each row is weighted by its article's *trend quotient*,
+    the article's sales in the last week before ``as_of`` divided by its sales
+    in the row's own week (an article selling more now than when it was bought
+    is trending up), so only articles sold in the last week count at all.
+
+    Returns ``(own, trending)``: ``own`` has one row per (customer, article)
+    with ``value`` = sum over the customer's purchases of quotient x
+    ``_kernel_decay(days ago)``, positive values only; ``trending`` ranks the
+    articles by the sum of their rows' quotients (ties by article id).
+    """
+    import pandas as pd
+
+    what = "trending transactions"
+    for col in ("t_dat", "customer_id", "article_id"):
+        if col not in history_tx.columns:
+            raise ValueError(f"{what}: missing column {col!r} (have {list(history_tx.columns)})")
+    cc, cust = _codes(history_tx, "customer_id", what)
+    ac, art = _codes(history_tx, "article_id", what)
+    end = np.datetime64(as_of, "D").astype(np.int64)
+    day = history_tx["t_dat"].to_numpy().astype("datetime64[D]").astype(np.int64)
+    if (day >= end).any():
+        raise ValueError(f"{what}: rows on or after {as_of} (the heuristic may only see the past)")
+    week = (end - 1 - day) // 7  # 0 = the last week before as_of
+    n_art = len(art)
+    # sales per (week, article) and in the last week
+    wkey = week * n_art + ac
+    uniq, inv, counts = np.unique(wkey, return_inverse=True, return_counts=True)
+    per_row_count = counts[inv]
+    last = np.bincount(ac[week == 0], minlength=n_art)
+    quotient = last[ac] / per_row_count
+    target = np.bincount(ac, weights=quotient, minlength=n_art)
+    sold = target > 0
+    trend = pd.DataFrame({"s": target[sold], "article_id": art[sold]})
+    trending = trend.sort_values(["s", "article_id"], ascending=[False, True], kind="stable")["article_id"].tolist()
+    value = quotient * _kernel_decay(end - day)
+    keep = value > 0
+    own = (pd.DataFrame({"c": cc[keep], "a": ac[keep], "v": value[keep]})
+           .groupby(["c", "a"], sort=False)["v"].sum().reset_index())
+    own = pd.DataFrame({"customer_id": cust[own["c"].to_numpy()], "article_id": art[own["a"].to_numpy()],
+                        "value": own["v"].to_numpy()})
+    return own, trending
+
+
+def trending_baseline(history_tx: pd.DataFrame, as_of: dt.date, customers: Iterable[str], k: int = 100,
+                      exclude: Mapping[str, Iterable[str]] | None = None) -> dict[str, list[str]]:
+    """Time-decayed repurchase + weekly trending: the strongest published H&M heuristic.
+
+    The Kaggle kernel "H&M: Trending Products Weekly" (val MAP@12 0.0227, LB
+    0.0217; see ``trending_scores``): each customer's own articles that still
+    sell, ranked by recency-decayed, trend-weighted value (highest first),
+    then the trending articles. No repeats, at most k per customer;
+    ``exclude`` drops articles from both parts.
+    """
+    customers = list(customers)
+    own, trending = trending_scores(history_tx, as_of)
+    mine = own[own["customer_id"].isin(customers)]
+    ranked = mine.sort_values(["customer_id", "value", "article_id"], ascending=[True, False, True], kind="stable")
+    lists: dict[str, list[str]] = {}
+    if len(ranked):
+        c = ranked["customer_id"].to_numpy()
+        a = ranked["article_id"].tolist()
+        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        bounds = np.r_[starts, c.size].tolist()
+        lists = {str(c[s]): a[s:e] for s, e in zip(bounds[:-1], bounds[1:])}
+    exclude = exclude or {}
+    fill = _Filler(trending, k)
+    return {c: fill(lists.get(c, ()), exclude.get(c, ())) for c in customers}
+
+
 def oracle_predictions(oracle: pd.DataFrame, k: int = 100) -> dict[str, list[str]]:
     """The generator's true top-k per buyer (``load_oracle`` frame: customer_id, article_id, prob, rank)."""
     return predictions_from_frame(oracle, rank_col="rank", k=k)
@@ -660,44 +748,51 @@ def load_oracle_predictions(warehouse: Warehouse, week: dt.date, k: int = 100) -
 
 def baselines_for_split(warehouse: Warehouse, split: Split, k: int = 100, exclude_purchased: bool = False,
                         lookback_weeks: int = DEFAULT_LOOKBACK_WEEKS, customers: Iterable[str] | None = None,
-                        include_oracle: bool = True, progress: bool = True) -> dict[str, dict[str, list[str]]]:
-    """Popularity, repurchase+popularity (and the oracle if any) for ``split``'s holdout.
+                        include_oracle: bool = True, progress: bool = True,
+                        trending_lookback_weeks: int = TRENDING_LOOKBACK_WEEKS) -> dict[str, dict[str, list[str]]]:
+    """Every heuristic baseline (and the oracle if any) for ``split``'s holdout.
 
-    * popularity: top-k by purchases in the validation week (the week right
-      before the holdout);
+    * popularity: top-k by purchases in the week right before the holdout;
     * repurchase+popularity: the customer's own articles of the
       ``lookback_weeks`` weeks before the holdout, then popularity;
-    * ``exclude_purchased``: drop from both baselines every article the
+    * trending+decayed-repurchase (``trending_baseline``): own articles that
+      still sell, by recency-decayed trend-weighted value, then weekly
+      trending, over the ``trending_lookback_weeks`` weeks before the holdout;
+    * ``exclude_purchased``: drop from every baseline each article the
       customer bought in the split's window before the holdout
       (``[train_start, holdout_start)``); the oracle is never filtered;
     * ``customers``: whom to rank; default the holdout's scored customers.
 
-    Returns ``{name: predictions}`` with names ``popularity``,
-    ``repurchase+popularity`` and ``oracle``.
+    Returns ``{name: predictions}`` with names ``BASELINES`` (+ ``oracle``).
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
-    if lookback_weeks < 1:
-        raise ValueError(f"lookback_weeks must be >= 1, got {lookback_weeks}")
+    if lookback_weeks < 1 or trending_lookback_weeks < 1:
+        raise ValueError(f"lookback weeks must be >= 1, got {lookback_weeks} and {trending_lookback_weeks}")
     steps = tqdm(total=4, desc="baselines", unit="step", disable=not progress)
     who = list(holdout_truth(warehouse, split).customer_ids) if customers is None else list(customers)
     steps.update()
     cols = ["t_dat", "customer_id", "article_id"]
-    last_week = warehouse.transactions(split.valid_start, split.valid_end, columns=cols)
+    last_week = warehouse.transactions(split.last_week_start, split.holdout_start, columns=cols)
     if len(last_week) == 0:
-        raise ValueError(f"no transactions in the week before the holdout [{split.valid_start}, {split.valid_end})")
+        raise ValueError(f"no transactions in the week before the holdout [{split.last_week_start}, "
+                         f"{split.holdout_start})")
     recent_start = split.holdout_start - dt.timedelta(weeks=lookback_weeks)
-    history_start = min(recent_start, split.train_start) if exclude_purchased else recent_start
+    trend_start = split.holdout_start - dt.timedelta(weeks=trending_lookback_weeks)
+    history_start = min(recent_start, trend_start, split.train_start) if exclude_purchased \
+        else min(recent_start, trend_start)
     history = warehouse.transactions(history_start, split.holdout_start, columns=cols)
     steps.update()
     exclude = None
     if exclude_purchased:
         exclude = purchased_by(history[history["t_dat"] >= pd.Timestamp(split.train_start)], who)
     recent = history[history["t_dat"] >= pd.Timestamp(recent_start)]
+    trend = history[history["t_dat"] >= pd.Timestamp(trend_start)]
     out: dict[str, dict[str, list[str]]] = {
         POPULARITY: popularity_baseline(last_week, who, k, exclude),
         REPURCHASE: repurchase_popularity_baseline(recent, last_week, who, k, exclude),
+        TRENDING: trending_baseline(trend, split.holdout_start, who, k, exclude),
     }
     steps.update()
     if include_oracle:
@@ -707,6 +802,14 @@ def baselines_for_split(warehouse: Warehouse, split: Split, k: int = 100, exclud
     steps.update()
     steps.close()
     return out
+
+
+def best_baseline(results: Mapping[str, Mapping[str, float]], metric: str = "recall@12") -> str:
+    """The name of the heuristic baseline (of ``BASELINES`` present in ``results``) with the highest ``metric``."""
+    present = [b for b in BASELINES if b in results]
+    if not present:
+        raise ValueError(f"no baseline among {list(results)}")
+    return max(present, key=lambda b: (results[b][metric], -BASELINES.index(b)))
 
 
 def _iso_date(text: str) -> dt.date:
@@ -724,8 +827,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(
         prog="hm-recsys evaluate",
-        description="Score the popularity and repurchase+popularity baselines (and the generator's oracle, "
-                    "when the data is synthetic) on one holdout week and print the comparison table.",
+        description="Score the heuristic baselines (last-week popularity, repurchase+popularity, time-decayed "
+                    "repurchase + weekly trending) and the generator's oracle, when the data is synthetic, on one "
+                    "holdout week and print the comparison table.",
     )
     p.add_argument("--warehouse", type=Path, metavar="DIR", help="warehouse folder (default $HM_RECSYS_HOME/data/warehouse)")
     p.add_argument("--holdout-week", type=_iso_date, metavar="YYYY-MM-DD",

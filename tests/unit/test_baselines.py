@@ -15,6 +15,8 @@ from hm_recsys.evaluate import (
     ORACLE,
     POPULARITY,
     REPURCHASE,
+    TRENDING,
+    _kernel_decay,
     baselines_for_split,
     evaluate_rankings,
     holdout_truth,
@@ -26,6 +28,8 @@ from hm_recsys.evaluate import (
     relevant_sets,
     repurchase_popularity_baseline,
     repurchase_ranking,
+    trending_baseline,
+    trending_scores,
 )
 from hm_recsys.split import Split
 
@@ -140,12 +144,38 @@ def test_baselines_for_split_on_a_warehouse(hand_warehouse):
     assert split.holdout_start == W3
     truth = holdout_truth(hand_warehouse, split)
     models = baselines_for_split(hand_warehouse, split, k=6, lookback_weeks=2, progress=False)
-    assert list(models) == [POPULARITY, REPURCHASE]  # no oracle for real-format data
+    assert list(models) == [POPULARITY, REPURCHASE, TRENDING]  # no oracle for real-format data
     assert models[POPULARITY]["A"] == [A1, A2, A3, A4, A8]
     assert models[REPURCHASE] == {"A": [A2, A1, A8, A6, A5, A3], "B": [A3, A2, A7, A1, A4, A8], "E": [A1, A2, A3, A4, A8]}
+    # see test_trending_by_hand: own still-selling articles by decayed value, then trending
+    assert models[TRENDING] == {"A": [A1, A2, A8, A3, A4], "B": [A3, A2, A1, A4, A8], "E": [A1, A2, A3, A4, A8]}
     assert set(models[POPULARITY]) == set(truth)
     ex = baselines_for_split(hand_warehouse, split, k=3, exclude_purchased=True, lookback_weeks=1, progress=False)
-    assert ex[POPULARITY] == ex[REPURCHASE] == {"A": [A3, A4], "B": [A1, A4, A8], "E": [A1, A2, A3]}
+    assert ex[POPULARITY] == ex[REPURCHASE] == ex[TRENDING] == {"A": [A3, A4], "B": [A1, A4, A8], "E": [A1, A2, A3]}
+
+
+def test_trending_by_hand():
+    """The published kernel's arithmetic on the hand table, as of the holdout (2020-09-16).
+
+    Last week (09-09..09-15) sells A1 x3, A2 x2, A3 x2, A4, A8; week 1's A5-A7 do not sell any more,
+    so their quotient (last week's sales / sales in the row's week) is 0. Every last-week row has
+    quotient 1, so trending = last-week counts, ties by id: A1, A2, A3, A4, A8. Own values are
+    quotient x decay(days ago): A bought A1 twice 6 days ago (2 x decay(6)), A2 4 days ago
+    (decay(4)), A8 6 days ago (decay(6)); decay(4) = 78,899 < 2 x decay(6) = 108,770.
+    """
+    tx = _tx()
+    before = tx[tx["t_dat"] < pd.Timestamp(W3)]
+    own, trending = trending_scores(before, W3)
+    assert trending == [A1, A2, A3, A4, A8]
+    a = own[own["customer_id"] == "A"].set_index("article_id")["value"]
+    assert set(a.index) == {A1, A2, A8}  # A5, A6 no longer sell
+    assert a[A1] == pytest.approx(2 * _kernel_decay(6)) and a[A2] == pytest.approx(_kernel_decay(4))
+    assert _kernel_decay(4) == pytest.approx(2.5e4 / 2 + 1.5e5 * 0.449329 - 1e3, rel=1e-5)
+    assert _kernel_decay(10_000) == 0.0 and _kernel_decay(0) == _kernel_decay(1)  # clipped at 0; x >= 1
+    preds = trending_baseline(before, W3, ["A", "B", "E"], k=4)
+    assert preds == {"A": [A1, A2, A8, A3], "B": [A3, A2, A1, A4], "E": [A1, A2, A3, A4]}
+    with pytest.raises(ValueError, match="only see the past"):
+        trending_scores(tx, W3)
 
 
 def test_cli_prints_the_table(hand_warehouse, tmp_path, capsys):
@@ -159,6 +189,8 @@ def test_cli_prints_the_table(hand_warehouse, tmp_path, capsys):
     assert lines[3].split() == ["popularity", "0.8333", "0.8333", "0.5000", "0.6058", "0.5000", "3"]
     # repurchase (4-week lookback): A [A2 A1 A8 A6 A5 A3 A4], B [A3 A2 A7 A1 A4 A8], E popularity
     assert lines[4].split() == ["repurchase+popularity", "0.8333", "0.8333", "0.3333", "0.4915", "0.8000", "3"]
+    # trending: A [A1 A2 A8 A3 A4] (A2 at 2), B [A3 A2 A1 A4 A8] (A1 at 3), E [A1 A2 A3 A4 A8] (A4 at 4)
+    assert lines[5].split() == ["trending+decayed-repurchase", "0.8333", "0.8333", "0.2778", "0.4392", "0.5000", "3"]
     assert "no oracle" in out
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
