@@ -13,16 +13,21 @@
                                    sales and mean price as of ``history_as_of``
       features/customers.parquet   the customer table (demographics) in row order
       features/history.npz         each customer's recent distinct purchases before ``history_as_of`` (CSR)
+      fusion.json                  the fusion of candidate sources fitted on the validation weeks
+                                   (``hm_recsys.fusion``); config.json's "retrieval" says which sources
       data_window.json             the split, the weeks read and a SHA-256 of the training data
-      metrics.json                 holdout metrics of the model, the baselines and the oracle
+      metrics.json                 holdout metrics: served, the towers alone, the baselines, the oracle
 
 Nothing is pickled: JSON, Parquet, NPZ (``allow_pickle=False``) and a tensor
 state_dict. ``load(folder)`` rebuilds the towers from ``config.json`` alone.
 
 The history snapshot is as of the holdout week's start, so evaluating the
-bundle on its holdout never sees holdout purchases. To serve the weeks after
-that with fresher histories, ``Recommender.with_history(warehouse, as_of)``
-replays the warehouse through the same feature code.
+bundle on its holdout never sees holdout purchases. What is served is not
+this snapshot but a served state (``hm_recsys.served``) built from the
+bundle's weights, feature state and fusion as of the newest week.
+``retrieval(folder)`` reads the sources and fusion a state needs (bundles
+written before the fusion existed serve the towers alone over the whole
+catalogue, as they always did).
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ from hm_recsys.fsutil import staged_dir
 if TYPE_CHECKING:
     import pandas as pd
 
+    from hm_recsys.candidates import RetrievalConfig
     from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.fusion import Fusion
     from hm_recsys.model import TwoTower
 
 FORMAT_VERSION = 1
@@ -61,6 +68,7 @@ CUSTOMERS = "customers.parquet"
 HISTORY = "history.npz"
 DATA_WINDOW = "data_window.json"
 METRICS = "metrics.json"
+FUSION = "fusion.json"
 
 FILES = {
     CONFIG: "full typed config: features, model args (cardinalities, dims, layers), training options",
@@ -71,8 +79,10 @@ FILES = {
     f"{FEATURES}/{CUSTOMERS}": "customer table in row order (demographics)",
     f"{FEATURES}/{HISTORY}": "recent distinct purchases per customer row, most recent first (CSR)",
     DATA_WINDOW: "time split, weeks read, SHA-256 of the training data",
-    METRICS: "holdout metrics: model, popularity, repurchase+popularity, oracle",
+    METRICS: "holdout metrics: served, two-tower, every heuristic baseline, oracle",
 }
+# written by this code, optional when reading (bundles from before the fusion)
+OPTIONAL_FILES = {FUSION: "fusion of the candidate sources (weights fitted on the validation weeks)"}
 CUSTOMER_COLUMNS = ("customer_id", "FN", "Active", "club_member_status", "fashion_news_frequency", "age",
                     "postal_code")
 # request columns that may override a customer's stored features (the pyfunc "features" path)
@@ -310,11 +320,12 @@ class Recommender:
 # Save / load
 # ---------------------------------------------------------------------------
 def save(folder: Path | str, rec: Recommender, config: Mapping[str, Any], data_window: Mapping[str, Any],
-         metrics: Mapping[str, Any]) -> Path:
+         metrics: Mapping[str, Any], fusion: Fusion | None = None) -> Path:
     """Write ``rec`` as a bundle folder (atomically: a temp sibling renamed into place).
 
     ``config`` is the full run config as a dict with ``features``, ``model``
-    (the resolved ``ModelConfig``) and ``train`` sections.
+    (the resolved ``ModelConfig``), ``train`` and ``retrieval`` sections;
+    ``fusion`` the fitted fusion (``fusion.json``).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -322,8 +333,12 @@ def save(folder: Path | str, rec: Recommender, config: Mapping[str, Any], data_w
 
     folder = Path(folder)
     with staged_dir(folder) as tmp:
-        doc = {"format_version": FORMAT_VERSION, **{k: config[k] for k in ("features", "model", "train")},
-               "history_as_of": rec.as_of.isoformat(), "files": FILES}
+        sections = [k for k in ("features", "model", "train", "retrieval") if k in config]
+        files = {**FILES, **(OPTIONAL_FILES if fusion is not None else {})}
+        doc = {"format_version": FORMAT_VERSION, **{k: config[k] for k in sections},
+               "history_as_of": rec.as_of.isoformat(), "files": files}
+        if fusion is not None:
+            fusion.save(tmp / FUSION)
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2, default=str) + "\n")
         torch.save({k: v.detach().cpu().contiguous() for k, v in rec.model.state_dict().items()}, tmp / WEIGHTS)
         feats = tmp / FEATURES
@@ -358,6 +373,25 @@ def read_config(folder: Path | str) -> dict[str, Any]:
     return doc
 
 
+def retrieval(folder: Path | str) -> tuple[RetrievalConfig, Fusion]:
+    """The candidate sources and fusion a served state of this bundle uses.
+
+    A bundle without ``fusion.json`` (written before the fusion existed) is
+    served as it always was: the towers alone over the whole catalogue.
+    """
+    from hm_recsys.candidates import RetrievalConfig
+    from hm_recsys.fusion import Fusion
+
+    folder = Path(folder)
+    doc = read_config(folder)
+    if not (folder / FUSION).exists():
+        return RetrievalConfig(sources=("two_tower",), sold_within_weeks=0), Fusion.single("two_tower")
+    try:
+        return RetrievalConfig.from_dict(doc.get("retrieval", {})), Fusion.load(folder / FUSION)
+    except (ValueError, KeyError) as e:
+        raise BundleError(f"{folder}: unreadable retrieval config or fusion: {e}") from e
+
+
 def load(folder: Path | str) -> Recommender:
     """Rebuild the ``Recommender`` saved in ``folder`` (see the module docstring for the layout)."""
     import pandas as pd
@@ -388,4 +422,4 @@ def load(folder: Path | str) -> Recommender:
     return Recommender(model, state, Tables(arts, custs), raw, history)
 
 
-__all__ = ["Recommender", "BundleError", "load", "save", "read_config", "CUSTOMER_CATEGORICAL"]
+__all__ = ["Recommender", "BundleError", "load", "save", "read_config", "retrieval", "CUSTOMER_CATEGORICAL"]

@@ -562,6 +562,17 @@ def postal_bucket(codes: Sequence[str], buckets: int, salt: str) -> np.ndarray:
     return table[uniq.get_indexer(values)]
 
 
+def age_bucket(customers: pd.DataFrame, edges: Sequence[int]) -> np.ndarray:
+    """``int64 (n,)`` age bucket of each customer row: 0 = missing age, 1 + (edges at or below the age).
+
+    There are ``len(edges) + 2`` buckets. The customer tower's ``age`` feature
+    and the ``age_trending`` candidate source share this definition.
+    """
+    age = customers["age"].to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.where(np.isnan(age), 0, 1 + np.searchsorted(np.asarray(edges), np.nan_to_num(age), side="right")
+                    ).astype(np.int64)
+
+
 def bucket_log2(counts: np.ndarray, n_buckets: int) -> np.ndarray:
     """0 -> 1, 1 -> 2, 2..3 -> 3, 4..7 -> 4 ... capped at ``n_buckets - 1`` (0 stays the unknown bucket)."""
     c = np.asarray(counts, dtype=np.int64)
@@ -705,9 +716,7 @@ class FeatureState:
             if name == "customer_id":
                 v = self.encode_values(name, _as_str(customers["customer_id"]))
             elif name == "age":
-                age = customers["age"].to_numpy(dtype=np.float64, na_value=np.nan)
-                v = np.where(np.isnan(age), 0, 1 + np.searchsorted(np.asarray(self.config.age_edges),
-                                                                   np.nan_to_num(age), side="right"))
+                v = age_bucket(customers, self.config.age_edges)
             elif name == "postal_code":
                 v = postal_bucket(_as_str(customers["postal_code"]), self.config.postal_buckets, self.config.hash_salt)
             else:

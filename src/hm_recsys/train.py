@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hm_recsys.candidates import RetrievalConfig
 from hm_recsys.features import (
     ArticleRaw,
     FeatureConfig,
@@ -67,10 +68,12 @@ if TYPE_CHECKING:
     from hm_recsys.bundle import Recommender
     from hm_recsys.config import Settings
     from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.fusion import Fusion
     from hm_recsys.model import TwoTower
     from hm_recsys.split import Split
 
-MODEL_NAME = "two-tower"
+MODEL_NAME = "two-tower"  # the towers alone, through the served index
+SERVED = "served"  # what /recommend answers: every candidate source, fused
 EARLY_STOPPING_METRICS = ("recall@12", "recall@100", "map@12", "ndcg@12")
 
 
@@ -97,6 +100,11 @@ class TrainConfig:
         dedupe_week: count a customer's repeated purchases of an article within a week once.
         patience: epochs without improvement of ``early_stopping_metric`` before stopping.
         early_stopping_metric: validation metric to maximise.
+        valid_weeks: validation weeks before the holdout (early stopping, fusion fit); 0 = the fewest
+            (up to ``max_valid_weeks``) holding ``min_valid_customers`` buyers (``split.choose_valid_weeks``).
+        max_valid_weeks: most weeks pooled by the automatic choice.
+        min_valid_customers: scored customer-weeks early stopping needs; with fewer, all ``epochs`` run
+            and the last epoch's weights are kept (a few customers must not pick the epoch).
         valid_max_customers: validation customers scored per epoch (a fixed random sample; 0 = all).
         eval_k: list length for Recall@K curves and recall@eval_k.
         exclude_purchased: drop already-purchased articles from model and baseline lists.
@@ -119,6 +127,9 @@ class TrainConfig:
     dedupe_week: bool = True
     patience: int = 2
     early_stopping_metric: str = "recall@12"
+    valid_weeks: int = 0
+    max_valid_weeks: int = 2
+    min_valid_customers: int = 1000
     valid_max_customers: int = 20000
     eval_k: int = 100
     exclude_purchased: bool = False
@@ -126,9 +137,11 @@ class TrainConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        for k in ("train_weeks", "epochs", "batch_size", "patience", "threads"):
+        for k in ("train_weeks", "epochs", "batch_size", "patience", "threads", "max_valid_weeks"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.valid_weeks < 0 or self.min_valid_customers < 0:
+            raise ValueError("train.valid_weeks and train.min_valid_customers must be >= 0")
         if self.batch_size < 2:
             raise ValueError("train.batch_size must be >= 2 (in-batch negatives need company)")
         if self.temperature <= 0:
@@ -145,26 +158,30 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole schema: features, model and training options. Saved with every model."""
+    """The whole schema: features, model, training and retrieval options. Saved with every model."""
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {"features": self.features.to_dict(), "model": self.model.to_dict(),
-                "train": dataclasses.asdict(self.train)}
+                "train": dataclasses.asdict(self.train), "retrieval": self.retrieval.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> Config:
-        unknown = set(d) - {"features", "model", "train"}
+        unknown = set(d) - {"features", "model", "train", "retrieval"}
         if unknown:
-            raise ValueError(f"{where}: unknown section(s) {sorted(unknown)}; sections: features, model, train")
+            raise ValueError(f"{where}: unknown section(s) {sorted(unknown)}; sections: features, model, train, "
+                             f"retrieval")
         feats = _checked(FeatureConfig, d.get("features", {}), f"{where} [features]")
         model = _checked(ModelConfig, d.get("model", {}), f"{where} [model]")
         train = _checked(TrainConfig, d.get("train", {}), f"{where} [train]")
+        retrieval = _checked(RetrievalConfig, d.get("retrieval", {}), f"{where} [retrieval]")
         try:
-            return cls(FeatureConfig.from_dict(feats), ModelConfig.from_dict(model), TrainConfig(**train))
+            return cls(FeatureConfig.from_dict(feats), ModelConfig.from_dict(model), TrainConfig(**train),
+                       RetrievalConfig.from_dict(retrieval))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -333,6 +350,16 @@ def in_batch_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, candi
 # Data preparation: replay the warehouse once, write weekly shards
 # ---------------------------------------------------------------------------
 @dataclass
+class ValidWeek:
+    """One validation week: features as of its start and its (sampled) buyers' purchases."""
+
+    as_of: dt.date
+    history: History
+    raw: ArticleRaw
+    truth: dict[str, list[str]]
+
+
+@dataclass
 class Prepared:
     """Everything training and evaluation need, with the big parts on disk (``shards``)."""
 
@@ -342,9 +369,7 @@ class Prepared:
     customer_static: np.ndarray  # (n_customers + 1, n_static)
     shards: list[Path]
     n_examples: int
-    valid_history: History
-    valid_raw: ArticleRaw
-    valid_truth: dict[str, list[str]]
+    valid: list[ValidWeek]  # the validation weeks, oldest first
     end_history: History  # as of holdout_start: the bundle's snapshot
     end_raw: ArticleRaw
     data_window: dict[str, Any]
@@ -381,7 +406,7 @@ def prepare(warehouse: Warehouse, split: Split, config: Config, scratch: Path, p
     price_n = np.zeros(n_art, dtype=np.int64)
     shards: list[Path] = []
     n_examples = 0
-    valid = None
+    valid: list[tuple[dt.date, History, ArticleRaw, Any]] = []
     history_from = split.train_start - dt.timedelta(weeks=fc.history_weeks)
     for week, rows in replay.weeks(warehouse, split.holdout_start, history_from=history_from, progress=progress,
                                    desc="replay weeks"):
@@ -404,24 +429,30 @@ def prepare(warehouse: Warehouse, split: Split, config: Config, scratch: Path, p
                      as_of=np.array(week.isoformat()))
             shards.append(path)
             n_examples += int(cust.size)
-        elif week == split.valid_start:
-            valid = (replay.history_at(week).subset(rows.customer_rows), replay.article_raw_at(week), rows)
+        elif split.valid_start <= week < split.holdout_start and len(rows):
+            valid.append((week, replay.history_at(week).subset(rows.customer_rows), replay.article_raw_at(week), rows))
     if not shards:
         raise ValueError(f"no training examples in {split.describe()} of {warehouse.root}")
-    if valid is None:
-        raise ValueError(f"the validation week {split.valid_start} has no transactions in {warehouse.root}")
+    if not valid:
+        raise ValueError(f"the validation weeks [{split.valid_start}, {split.holdout_start}) have no transactions "
+                         f"in {warehouse.root}")
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_price = np.where(price_n > 0, price_sum / np.maximum(price_n, 1), np.nan)
     state = FeatureState.fit(fc, tables, art_counts, cust_counts, mean_price)
-    valid_hist, valid_raw, vrows = valid
-    truth: dict[str, set[str]] = {}
     ids_c, ids_a = np.asarray(tables.customer_index), np.asarray(tables.article_index)
-    for c, a in zip(vrows.customer_rows.tolist(), vrows.article_rows.tolist()):
-        truth.setdefault(ids_c[c], set()).add(ids_a[a])
-    if tc.valid_max_customers and len(truth) > tc.valid_max_customers:
-        pick = np.random.default_rng(tc.seed).choice(len(truth), tc.valid_max_customers, replace=False)
-        keys = sorted(truth)
-        truth = {keys[i]: truth[keys[i]] for i in sorted(pick)}
+    truths: list[dict[str, set[str]]] = []
+    for _, _, _, vrows in valid:
+        truth: dict[str, set[str]] = {}
+        for c, a in zip(vrows.customer_rows.tolist(), vrows.article_rows.tolist()):
+            truth.setdefault(ids_c[c], set()).add(ids_a[a])
+        truths.append(truth)
+    pairs = [(i, c) for i, t in enumerate(truths) for c in sorted(t)]  # scored customer-weeks
+    if tc.valid_max_customers and len(pairs) > tc.valid_max_customers:
+        pick = set(np.random.default_rng(tc.seed).choice(len(pairs), tc.valid_max_customers, replace=False).tolist())
+        kept = [p for j, p in enumerate(pairs) if j in pick]
+        truths = [{c: truths[i][c] for j, c in kept if j == i} for i in range(len(truths))]
+    valid_weeks = [ValidWeek(week, hist, raw, {c: sorted(v) for c, v in t.items()})
+                   for (week, hist, raw, _), t in zip(valid, truths) if t]
     files = [warehouse.paths.articles, warehouse.paths.customers]
     weeks_read = [w for w in warehouse.weeks() if w < split.holdout_start]
     for w in weeks_read:
@@ -436,12 +467,13 @@ def prepare(warehouse: Warehouse, split: Split, config: Config, scratch: Path, p
         "n_train_examples": n_examples,
         "n_train_customers": int((cust_counts > 0).sum()),
         "n_train_articles": int((art_counts > 0).sum()),
+        "n_valid_customer_weeks": int(sum(len(v.truth) for v in valid_weeks)),
         "n_articles": n_art,
         "n_customers": tables.n_customers,
         "history_as_of": split.holdout_start.isoformat(),
     }
     return Prepared(tables, state, state.article_static(tables.articles), state.customer_static(tables.customers),
-                    shards, n_examples, valid_hist, valid_raw, {k: sorted(v) for k, v in truth.items()},
+                    shards, n_examples, valid_weeks,
                     replay.history_at(split.holdout_start), replay.article_raw_at(split.holdout_start), window)
 
 
@@ -605,12 +637,24 @@ def rank(rec: Recommender, customer_ids: Sequence[str], k: int, exclude_purchase
 
 
 def evaluate_valid(model: TwoTower, prep: Prepared, config: Config) -> dict[str, float]:
+    """The towers' validation metrics, pooled over every validation customer-week (each week as of its start)."""
     from hm_recsys.evaluate import evaluate_rankings
 
     tc = config.train
-    rec = recommender(model, prep, prep.valid_history, prep.valid_raw)
-    preds = rank(rec, list(prep.valid_truth), tc.eval_k, tc.exclude_purchased)
-    return evaluate_rankings(preds, prep.valid_truth, ks=(12, tc.eval_k), catalogue_size=prep.tables.n_articles)
+    per_week = []
+    for vw in prep.valid:
+        rec = recommender(model, prep, vw.history, vw.raw)
+        preds = rank(rec, list(vw.truth), tc.eval_k, tc.exclude_purchased)
+        per_week.append(evaluate_rankings(preds, vw.truth, ks=(12, tc.eval_k), catalogue_size=prep.tables.n_articles))
+    n = np.array([r["n_customers"] for r in per_week])
+    out = {k: float(np.dot(n, [r[k] for r in per_week]) / n.sum()) for k in per_week[0] if k != "n_customers"}
+    out["n_customers"] = float(n.sum())
+    return out
+
+
+def early_stopping(prep: Prepared, config: Config) -> bool:
+    """Whether the validation sample is large enough (``train.min_valid_customers``) to pick the epoch."""
+    return sum(len(v.truth) for v in prep.valid) >= config.train.min_valid_customers
 
 
 def fit(prep: Prepared, config: Config, progress: bool = True,
@@ -644,6 +688,20 @@ def _fit(prep: Prepared, config: Config, progress: bool,
     optimizers = make_optimizers(model, config)
     logs: list[EpochLog] = []
     best, best_epoch, best_state, waited = -math.inf, 0, None, 0
+    if not early_stopping(prep, config):
+        # too few validation customers to pick an epoch: a fixed number of epochs, the last one kept
+        for epoch in range(1, tc.epochs + 1):
+            t0 = time.perf_counter()
+            losses, seen = train_epoch(model, optimizers, prep, config, rng, progress,
+                                       desc=f"epoch {epoch}/{tc.epochs}")
+            seconds = time.perf_counter() - t0
+            first = sum(len(e.step_losses) for e in logs)
+            log = EpochLog(epoch, float(np.mean(losses)), evaluate_valid(model, prep, config), seconds, seen,
+                           losses, first)
+            logs.append(log)
+            if on_epoch:
+                on_epoch(log)
+        return model.eval(), logs, tc.epochs
     for epoch in range(1, tc.epochs + 1):
         t0 = time.perf_counter()
         losses, seen = train_epoch(model, optimizers, prep, config, rng, progress, desc=f"epoch {epoch}/{tc.epochs}")
@@ -668,17 +726,55 @@ def _fit(prep: Prepared, config: Config, progress: bool,
 
 
 # ---------------------------------------------------------------------------
+# The fusion of candidate sources, fitted on the validation weeks
+# ---------------------------------------------------------------------------
+def fit_fusion(model: TwoTower, prep: Prepared, config: Config, warehouse: Warehouse, scratch: Path,
+               label: str, progress: bool = True) -> Fusion:
+    """Fit the fusion on the validation weeks' buyers, never the holdout.
+
+    Each validation week is served as it would have been: a served state as
+    of the week's start (``served.build_state``: features replayed, the
+    candidate tables, the index), the candidates of the week's (sampled)
+    buyers from every source, labelled by what they bought that week.
+    """
+    from hm_recsys import fusion as fusion_mod
+    from hm_recsys.candidates import Candidates
+    from hm_recsys.fusion import Fusion
+    from hm_recsys.served import build_state
+
+    rec = recommender(model, prep, prep.end_history, prep.end_raw)
+    parts, labels, offset = [], [], 0
+    for vw in prep.valid:
+        ids = sorted(vw.truth)
+        state = build_state(rec, warehouse, vw.as_of, label, scratch / f"valid-state-{vw.as_of}", config.retrieval,
+                            Fusion.single("two_tower"), customers=ids, progress=progress)
+        cands, _ = state.candidates(ids)
+        labels.append(state.labels(cands, ids, vw.truth))
+        parts.append(dataclasses.replace(cands, group=cands.group + offset))
+        offset += cands.n_customers
+    pooled = Candidates(np.concatenate([p.group for p in parts]), np.concatenate([p.rows for p in parts]),
+                        np.concatenate([p.features for p in parts]), np.concatenate([p.bought for p in parts]), offset)
+    y = np.concatenate(labels)
+    fitted = fusion_mod.fit(pooled, y, features=config.retrieval.fusion_features, prior=config.retrieval.fusion_prior)
+    facts = {**fitted.fitted, "weeks": [vw.as_of.isoformat() for vw in prep.valid],
+             "candidates_per_customer": round(y.size / max(offset, 1), 1),
+             "candidate_recall": round(float(y.sum()) / max(sum(len(v) for vw in prep.valid for v in vw.truth.values()),
+                                                           1), 4)}
+    return dataclasses.replace(fitted, fitted=facts)
+
+
+# ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
 @dataclass
 class TrainResult:
     """What a training run produced.
 
-    ``metrics``: holdout results by model name (``two-tower``, ``popularity``,
-    ``repurchase+popularity`` and ``oracle`` when the data has one), each
-    ``evaluate.evaluate_rankings``' dict. ``table``: the comparison table text.
-    ``seconds``: wall time of ``prepare``, ``fit``, ``evaluate``, ``log`` (bundle +
-    MLflow) and ``total``.
+    ``metrics``: holdout results by model name (``served``: what ``/recommend``
+    answers; ``two-tower``: the towers alone; every ``evaluate.BASELINES``; and
+    ``oracle`` when the data has one), each ``evaluate.evaluate_rankings``' dict.
+    ``table``: the comparison table text. ``seconds``: wall time of
+    ``prepare``, ``fit``, ``fusion``, ``evaluate``, ``log`` (bundle + MLflow) and ``total``.
     """
 
     run_id: str
@@ -691,25 +787,59 @@ class TrainResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
 
+def holdout_models(rec: Recommender, fusion: Fusion, config: Config, warehouse: Warehouse, split: Split,
+                   out_dir: Path, label: str, progress: bool = True) -> tuple[dict[str, dict[str, list[str]]], Any]:
+    """Rankings of the holdout's buyers: served (fused), the towers alone, every baseline (+ oracle).
+
+    The served and tower rows go through a served state as of the holdout's
+    start (``served.build_state``: the same code path as ``/recommend``);
+    returns ``(models, truth)``.
+    """
+    from hm_recsys import evaluate
+    from hm_recsys.fusion import Fusion
+    from hm_recsys.served import build_state
+
+    tc = config.train
+    truth = evaluate.holdout_truth(warehouse, split)
+    ids = list(truth.customer_ids)
+    state = build_state(rec, warehouse, split.holdout_start, label, out_dir, config.retrieval, fusion, customers=ids,
+                        progress=progress)
+    towers = dataclasses.replace(config.retrieval, sources=("two_tower",))
+    models = {SERVED: state.predictions(ids, tc.eval_k, tc.exclude_purchased),
+              MODEL_NAME: state.predictions(ids, tc.eval_k, tc.exclude_purchased, fusion=Fusion.single("two_tower"),
+                                            config=towers)}
+    models.update(evaluate.baselines_for_split(warehouse, split, k=tc.eval_k, exclude_purchased=tc.exclude_purchased,
+                                               customers=truth.customer_ids, progress=progress))
+    return models, truth
+
+
+def resolve_split(warehouse: Warehouse, config: Config, holdout_week: dt.date | None = None) -> Split:
+    """The training split for ``config`` (validation weeks chosen as ``train.valid_weeks`` says)."""
+    from hm_recsys.split import Split
+
+    tc = config.train
+    return Split.for_training(warehouse, tc.train_weeks, holdout_week, tc.valid_weeks, tc.min_valid_customers,
+                              tc.max_valid_weeks)
+
+
 def run_training(settings: Settings, config: Config, split: Split | None = None, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, progress: bool = True,
                  warehouse: Warehouse | Path | str | None = None) -> TrainResult:
-    """Train, evaluate, write the bundle and log everything to one MLflow run.
+    """Train the towers, fit the fusion, evaluate as served, write the bundle and log it all to one MLflow run.
 
     ``warehouse`` defaults to ``settings.layout.warehouse_dir``; ``split`` to
-    ``Split.from_warehouse(warehouse, config.train.train_weeks)``. The bundle
-    lands in ``settings.layout.bundle_dir(run_id)``.
+    ``resolve_split(warehouse, config)``. The bundle lands in
+    ``settings.layout.bundle_dir(run_id)``.
     """
     import mlflow
 
     from hm_recsys import bundle, evaluate, tracking
     from hm_recsys.data.warehouse import Warehouse
-    from hm_recsys.split import Split
 
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse(warehouse or settings.layout.warehouse_dir)
     if split is None:
-        split = Split.from_warehouse(warehouse, train_weeks=config.train.train_weeks)
+        split = resolve_split(warehouse, config)
     elif split.train_weeks != config.train.train_weeks:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, train_weeks=split.train_weeks))
     tracking.configure(settings)
@@ -717,28 +847,40 @@ def run_training(settings: Settings, config: Config, split: Split | None = None,
     with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
         run_id = run.info.run_id
         scratch = settings.layout.train_scratch_dir(run_id)
+        label = f"run-{run_id[:12]}"  # the version label of this run's scratch states
         try:
-            mlflow.set_tags({"split": split.describe(), "stage": "train", "model": MODEL_NAME})
+            mlflow.set_tags({"split": split.describe(), "stage": "train", "model": MODEL_NAME,
+                             "valid_weeks": str(split.valid_weeks)})
             tracking.log_params({"config": config.to_dict(), "split": split.to_dict()})
             prep = prepare(warehouse, split, config, scratch, progress)
             clock["prepare"] = time.perf_counter()
             mlflow.set_tag("data_sha256", prep.data_window["data_sha256"])
             tracking.log_params({"data": {k: v for k, v in prep.data_window.items() if k != "split"},
                                  "vocab": prep.state.cardinalities()})
+            stopping = early_stopping(prep, config)
+            mlflow.set_tag("early_stopping", "on" if stopping else
+                           f"off: {prep.data_window['n_valid_customer_weeks']} validation customer-weeks < "
+                           f"train.min_valid_customers {config.train.min_valid_customers}; "
+                           f"{config.train.epochs} epochs, last kept")
+            if not stopping and progress:
+                print(f"early stopping off: {prep.data_window['n_valid_customer_weeks']} validation customer-weeks "
+                      f"< {config.train.min_valid_customers}; training {config.train.epochs} epochs", flush=True)
             model, logs, best_epoch = fit(prep, config, progress, on_epoch=tracking.log_epoch)
             clock["fit"] = time.perf_counter()
+            fusion = fit_fusion(model, prep, config, warehouse, scratch, label, progress)
+            tracking.log_fusion(fusion)
+            clock["fusion"] = time.perf_counter()
+            rec = recommender(model, prep, prep.end_history, prep.end_raw)
+            models, truth = holdout_models(rec, fusion, config, warehouse, split, scratch / "holdout-state", label,
+                                           progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        rec = recommender(model, prep, prep.end_history, prep.end_raw)
-        truth = evaluate.holdout_truth(warehouse, split)
         tc = config.train
-        models = {MODEL_NAME: rank(rec, list(truth.customer_ids), tc.eval_k, tc.exclude_purchased)}
-        models.update(evaluate.baselines_for_split(warehouse, split, k=tc.eval_k, exclude_purchased=tc.exclude_purchased,
-                                                   customers=truth.customer_ids, progress=progress))
         results, curves = evaluate.score_all(models, truth, catalogue_size=prep.tables.n_articles, max_k=tc.eval_k)
         clock["evaluate"] = time.perf_counter()
         week = f"{split.holdout_start}..{split.holdout_end - dt.timedelta(days=1)}"
-        table = evaluate.comparison_table(results, title=f"holdout week {week}: {len(truth):,} scored customers")
+        table = evaluate.comparison_table(results, title=f"holdout week {week}: {len(truth):,} scored customers "
+                                                         f"({SERVED} = what /recommend answers)")
         metrics = {
             "holdout": results,
             "best_epoch": best_epoch,
@@ -746,17 +888,19 @@ def run_training(settings: Settings, config: Config, split: Split | None = None,
             "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "seconds": e.seconds,
                         "examples_per_second": e.examples_per_second, **{f"valid_{k}": v for k, v in e.valid.items()}}
                        for e in logs],
+            "fusion": fusion.to_dict(),
         }
         full_config = {"features": config.features.to_dict(), "model": model.config.to_dict(),
-                       "train": dataclasses.asdict(config.train)}
-        bundle_dir = bundle.save(settings.layout.bundle_dir(run_id), rec, full_config, prep.data_window, metrics)
-        tracking.log_results(results, best_epoch)
+                       "train": dataclasses.asdict(config.train), "retrieval": config.retrieval.to_dict()}
+        bundle_dir = bundle.save(settings.layout.bundle_dir(run_id), rec, full_config, prep.data_window, metrics,
+                                 fusion=fusion)
+        tracking.log_results(results, best_epoch, model_name=SERVED)
         tracking.log_plots(logs, curves, title=f"holdout week {week}")
         mlflow.log_text(table + "\n", "metrics_table.txt")
         mlflow.log_dict(prep.data_window, "data_window.json")
         info = tracking.log_model(bundle_dir, example_ids=list(truth.customer_ids[:2]))
         clock["log"] = time.perf_counter()
-        stages = ["start", "prepare", "fit", "evaluate", "log"]
+        stages = ["start", "prepare", "fit", "fusion", "evaluate", "log"]
         seconds = {b: clock[b] - clock[a] for a, b in zip(stages, stages[1:])}
         seconds["total"] = clock["log"] - clock["start"]
         mlflow.log_metrics({f"seconds.{k}": v for k, v in seconds.items()})
@@ -767,13 +911,13 @@ def main(argv: list[str] | None = None) -> int:
     """``hm-recsys train``."""
     from hm_recsys.config import Settings
     from hm_recsys.data.warehouse import Warehouse
-    from hm_recsys.split import Split
 
     p = argparse.ArgumentParser(
         prog="hm-recsys train",
-        description="Train the two towers on a time split (train weeks, validation week, holdout week), "
-                    "evaluate against popularity, repurchase+popularity and the oracle, write the model "
-                    "bundle and log the run to MLflow.",
+        description="Train the two towers on a time split (train weeks, validation week(s), holdout week), "
+                    "fit the fusion of candidate sources on the validation weeks, score what the service would "
+                    "answer against every heuristic baseline and the oracle, write the model bundle and log the "
+                    "run to MLflow.",
     )
     p.add_argument("--config", type=Path, help="TOML schema file (default: built-in defaults, "
                                                "documented in configs/two_tower.toml)")
@@ -796,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(a.config, overrides)
         warehouse = Warehouse(a.warehouse or settings.layout.warehouse_dir)
-        split = Split.from_warehouse(warehouse, train_weeks=config.train.train_weeks, holdout_week=a.holdout_week)
+        split = resolve_split(warehouse, config, a.holdout_week)
         print(f"split: {split.describe()}", flush=True)
         result = run_training(settings, config, split=split, run_name=a.run_name, progress=not a.no_progress,
                               warehouse=warehouse)

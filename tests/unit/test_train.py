@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 from pathlib import Path
 
@@ -162,7 +163,8 @@ def test_prepare_writes_one_shard_per_training_week_without_future_rows(tiny_pre
         assert np.unique(cust * 10**6 + art).size == cust.size
         total += cust.size
     assert total == prep.n_examples
-    assert prep.valid_history.as_of == split.valid_start and prep.end_history.as_of == split.holdout_start
+    assert [v.as_of for v in prep.valid] == split.valid_week_starts() == [split.valid_start]
+    assert prep.end_history.as_of == split.holdout_start
     assert len(prep.data_window["data_sha256"]) == 64
 
 
@@ -206,13 +208,61 @@ def test_tiny_end_to_end_beats_random_and_is_deterministic(tiny_prep, threads):
 
 def test_early_stopping_keeps_the_best_epoch(tiny_prep):
     _, _, cfg, prep = tiny_prep
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=6, patience=1, lr=0.05))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=6, patience=1, lr=0.05,
+                                                             min_valid_customers=0))
+    assert T.early_stopping(prep, cfg)
     model, logs, best = T.fit(prep, cfg, progress=False)
     scores = [e.valid["recall@12"] for e in logs]
     assert best == 1 + int(np.argmax(scores))
     assert len(logs) == len(scores) and (len(logs) == 6 or scores[-1] <= max(scores))
     again = T.evaluate_valid(model, prep, cfg)
     assert again["recall@12"] == pytest.approx(max(scores))
+
+
+def test_too_few_validation_customers_train_a_fixed_number_of_epochs(tiny_prep):
+    """A small validation week must not pick the epoch: all epochs run, the last weights are kept."""
+    _, _, cfg, prep = tiny_prep
+    n = sum(len(v.truth) for v in prep.valid)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, patience=1, lr=0.05,
+                                                             min_valid_customers=n + 1))
+    assert not T.early_stopping(prep, cfg)
+    model, logs, best = T.fit(prep, cfg, progress=False)
+    assert best == 3 and len(logs) == 3
+    assert T.evaluate_valid(model, prep, cfg) == logs[-1].valid  # the last epoch's weights, not the best
+
+
+def test_validation_weeks_pool_until_enough_customers(tiny_warehouse_ro):
+    from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.split import Split, choose_valid_weeks
+
+    wh = Warehouse(tiny_warehouse_ro)
+    holdout = wh.last_complete_week()
+    week = dt.timedelta(weeks=1)
+    buyers = [int(wh.transactions(holdout - i * week, holdout - (i - 1) * week, ["customer_id"])["customer_id"]
+                  .nunique()) for i in (1, 2, 3)]
+    assert choose_valid_weeks(wh, holdout, buyers[0], 3) == 1
+    assert choose_valid_weeks(wh, holdout, buyers[0] + 1, 3) == 2
+    assert choose_valid_weeks(wh, holdout, sum(buyers) + 1, 3) == 3  # never enough: the most allowed
+    split = Split.for_training(wh, 4, holdout, valid_weeks=0, min_valid_customers=buyers[0] + 1, max_valid_weeks=3)
+    assert split.valid_weeks == 2 and split.holdout_start == holdout and split.train_weeks == 4
+    assert split.valid_week_starts() == [holdout - 2 * week, holdout - week] and split.last_week_start == holdout - week
+    assert Split.for_training(wh, 4, holdout, valid_weeks=3).valid_weeks == 3  # explicit wins
+
+
+def test_prepare_pools_several_validation_weeks(tiny_warehouse_ro, tmp_path):
+    from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.split import Split
+
+    wh = Warehouse(tiny_warehouse_ro)
+    cfg = tiny_config()
+    split = Split.from_warehouse(wh, train_weeks=4, valid_weeks=2)
+    prep = T.prepare(wh, split, cfg, tmp_path / "shards", progress=False)
+    assert len(prep.shards) == 4 and [v.as_of for v in prep.valid] == split.valid_week_starts()
+    for v in prep.valid:  # each week's truth is its own buyers, features as of its own start
+        tx = wh.transactions(v.as_of, v.as_of + dt.timedelta(weeks=1), ["customer_id"])
+        assert set(v.truth) == set(tx["customer_id"].astype(str)) and v.history.as_of == v.as_of
+    pooled = T.evaluate_valid(T.build_model(cfg, prep.state), prep, cfg)
+    assert pooled["n_customers"] == sum(len(v.truth) for v in prep.valid)
 
 
 # -- the Recommender and the bundle --------------------------------------------------
