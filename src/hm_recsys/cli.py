@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gate": ("hm_recsys.pipeline:gate_main", "judge a model version against the champion on a holdout week (and promote)"),
     "promote": ("hm_recsys.pipeline:promote_main", "promote a model version by hand (recorded reason)"),
     "rollback": ("hm_recsys.pipeline:rollback_main", "restore the previous champion"),
+    "refresh": ("hm_recsys.pipeline:refresh_main", "rebuild and hot-swap the champion's served state as of the "
+                                                   "newest week (no retraining); score the weeks it served"),
     "serve": ("hm_recsys.serving:main", "run the recommendation service (BentoML) on 127.0.0.1; hot-swaps the champion"),
     "deploy": ("hm_recsys.deploy:main", "build the Bento of a model version and switch the running service to it"),
 }

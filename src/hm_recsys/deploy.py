@@ -1,18 +1,20 @@
 """``hm-recsys deploy``: make a registered version the production artifact and the served model.
 
-``deploy(version, settings)`` (called by the DAG after promotion; the CLI
-defaults to the champion):
+``deploy(version, settings)`` (called by the DAG after promotion, once the
+version's served state as of the newest week is published; the CLI defaults
+to the champion):
 
-1. fetches the version's ``bundle/`` and ``index/`` from its MLflow run
-   (``Registry.fetch``, which verifies the index manifest's model version);
-2. stores them as the BentoML model ``hm-recsys-two-tower:v<version>``;
+1. fetches the version's ``bundle/`` and its newest served state from its
+   MLflow run (``Registry.fetch_state``, which verifies every checksum);
+2. stores them as the BentoML model ``hm-recsys-two-tower:v<version>``
+   (``bundle/`` + ``state/``, labels ``model_version`` and ``as_of``);
 3. builds the Bento ``hm_recsys:v<version>`` from ``bentofile.yaml`` plus that
    model and ``HM_RECSYS_SERVE_BENTO_MODEL`` (so the containerised Bento
-   serves exactly this version, without a registry; see docs/serving.md);
+   serves exactly this state, without a registry; see docs/serving.md);
 4. if a local service answers on ``url``, asks it to reload
    (``POST /admin/reload`` with ``HM_RECSYS_ADMIN_TOKEN``; without a token the
-   service's own alias polling picks the change up) and waits until
-   ``/metadata`` reports the new version on several consecutive reads.
+   service's own polling picks the change up) and waits until ``/metadata``
+   reports the new version and as_of on several consecutive reads.
 
 Idempotent: an existing model or Bento with the tag is reused (``rebuild``
 replaces them), and a service already serving the version is left alone.
@@ -70,9 +72,9 @@ def _bentoml_env(settings: Settings) -> None:
     settings.layout.bentoml_home.mkdir(parents=True, exist_ok=True)
 
 
-def store_model(version: str, bundle_dir: Path, index_dir: Path, run_id: str | None,
+def store_model(version: str, bundle_dir: Path, state_dir: Path, run_id: str | None,
                 rebuild: bool = False) -> tuple[str, bool]:
-    """The BentoML model holding ``bundle/`` and ``index/``; returns (tag, created)."""
+    """The BentoML model holding ``bundle/`` and ``state/`` (a served state); returns (tag, created)."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -85,11 +87,13 @@ def store_model(version: str, bundle_dir: Path, index_dir: Path, run_id: str | N
         return tag, False
     if existing is not None:
         bentoml.models.delete(tag)
-    with bentoml.models.create(tag, labels={"model_version": str(version), "mlflow_run_id": run_id or ""},
-                               metadata={"files": ["bundle/", "index/"]}) as model:
+    as_of = Path(state_dir).name
+    with bentoml.models.create(tag, labels={"model_version": str(version), "as_of": as_of,
+                                            "mlflow_run_id": run_id or ""},
+                               metadata={"files": ["bundle/", "state/"]}) as model:
         root = Path(model.path)
         shutil.copytree(bundle_dir, root / "bundle")
-        shutil.copytree(index_dir, root / "index")
+        shutil.copytree(state_dir, root / "state")
     return tag, True
 
 
@@ -151,10 +155,10 @@ def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any] | None:
 
 
 def switch_service(version: str, url: str, token: str | None, timeout: float = 300.0,
-                   confirmations: int = 3, poll: float = 0.5) -> dict[str, Any]:
-    """Make the service at ``url`` serve ``version`` and wait for ``/metadata`` to say so.
+                   confirmations: int = 3, poll: float = 0.5, as_of: str | None = None) -> dict[str, Any]:
+    """Make the service at ``url`` serve ``version`` (as of ``as_of``) and wait for ``/metadata`` to say so.
 
-    ``confirmations`` consecutive reads must report the version (with several
+    ``confirmations`` consecutive reads must report it (with several
     workers each reloads on its own; one read proves only one of them).
     """
     import httpx
@@ -166,9 +170,12 @@ def switch_service(version: str, url: str, token: str | None, timeout: float = 3
         alive = False
     if not alive:
         return {"url": url, "status": "not running", "note": "it will load the champion when started"}
+    def serving(meta: dict) -> bool:
+        return meta.get("model_version") == version and (as_of is None or meta.get("as_of") == as_of)
+
     meta = _get_json(f"{url}/metadata") or {}
-    if meta.get("model_version") == version:
-        return {"url": url, "status": "already serving", "model_version": version}
+    if serving(meta):
+        return {"url": url, "status": "already serving", "model_version": version, "as_of": meta.get("as_of")}
     t0 = time.monotonic()
     reload_note = None
     if token:
@@ -180,23 +187,26 @@ def switch_service(version: str, url: str, token: str | None, timeout: float = 3
     streak = 0
     while time.monotonic() - t0 < timeout:
         meta = _get_json(f"{url}/metadata") or {}
-        if meta.get("model_version") == version:
+        if serving(meta):
             streak += 1
             if streak >= confirmations:
-                out = {"url": url, "status": "switched", "model_version": version,
-                       "previous": (meta.get("reloader") or {}).get("last", {}).get("previous"),
+                out = {"url": url, "status": "switched", "model_version": version, "as_of": meta.get("as_of"),
+                       "previous": ((meta.get("reloader") or {}).get("last") or {}).get("previous"),
                        "seconds": round(time.monotonic() - t0, 2)}
                 return {**out, "note": reload_note} if reload_note else out
         else:
             streak = 0
-            failed = (meta.get("reloader") or {}).get("failed_versions", {}).get(version)
-            if failed:
-                raise DeployError(f"the service at {url} refused version {version}: {failed}; "
-                                  f"it keeps serving {meta.get('model_version')}")
+            failed = (meta.get("reloader") or {}).get("failed", {})
+            bad = failed.get(f"{version}@{as_of}") if as_of else next(
+                (v for k, v in failed.items() if k.startswith(f"{version}@")), None)
+            if bad:
+                raise DeployError(f"the service at {url} refused version {version}: {bad}; "
+                                  f"it keeps serving {meta.get('model_version')} as of {meta.get('as_of')}")
         time.sleep(poll)
-    raise DeployError(f"the service at {url} did not report version {version} within {timeout:.0f} s "
-                      f"(it reports {meta.get('model_version')}; reloader: {json.dumps(meta.get('reloader'))})"
-                      + (f"; {reload_note}" if reload_note else ""))
+    what = f"version {version}" + (f" as of {as_of}" if as_of else "")
+    raise DeployError(f"the service at {url} did not report {what} within {timeout:.0f} s "
+                      f"(it reports {meta.get('model_version')} as of {meta.get('as_of')}; "
+                      f"reloader: {json.dumps(meta.get('reloader'))})" + (f"; {reload_note}" if reload_note else ""))
 
 
 def deploy(version: str | int | None = None, settings: Settings | None = None, *, url: str | None = None,
@@ -219,12 +229,13 @@ def deploy(version: str | int | None = None, settings: Settings | None = None, *
             raise DeployError(f"no champion in {settings.mlflow_tracking_uri}: promote a version first")
         version = champion.version
     version = str(version)
-    files = reg.fetch(version)
-    out: dict[str, Any] = {"version": version}
+    files = reg.fetch_state(version)
+    as_of = files.state_dir.name
+    out: dict[str, Any] = {"version": version, "as_of": as_of}
     if build:
         _bentoml_env(settings)
         info = reg.version(version)
-        model, model_created = store_model(version, files.bundle_dir, files.index_dir, info.run_id, rebuild)
+        model, model_created = store_model(version, files.bundle_dir, files.state_dir, info.run_id, rebuild)
         bento, built = build_bento(version, model, rebuild)
         out.update(model=model, bento=bento, built=built or model_created)
     if champion is None or champion.version != version:
@@ -233,7 +244,7 @@ def deploy(version: str | int | None = None, settings: Settings | None = None, *
                                                      f"the service follows the champion alias"}
         return out
     out["service"] = switch_service(version, url or default_url(), token or env.get("HM_RECSYS_ADMIN_TOKEN"),
-                                    timeout)
+                                    timeout, as_of=as_of)
     return out
 
 
@@ -241,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     """``hm-recsys deploy``."""
     p = argparse.ArgumentParser(
         prog="hm-recsys deploy",
-        description="Build the Bento hm_recsys:v<version> (model bundle + ScaNN index baked in) and switch the "
-                    "running local service to the version, waiting until /metadata reports it. Idempotent.")
+        description="Build the Bento hm_recsys:v<version> (model bundle + its newest served state baked in) and "
+                    "switch the running local service to the version, waiting until /metadata reports it. "
+                    "Idempotent.")
     p.add_argument("--version", help="registered model version (default: the champion)")
     p.add_argument("--url", help="the running service (default http://127.0.0.1:$HM_RECSYS_SERVE_PORT, port 3000)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the switch (default 300)")

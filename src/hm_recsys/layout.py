@@ -26,7 +26,8 @@ a whole run at a temporary directory by building ``Layout(tmp_path)``.
       airflow/                        AIRFLOW_HOME (DB, logs)
       bentoml/                        BENTOML_HOME
       runs/                           scratch space for stage outputs, keyed by run id
-      models/<version>/{bundle,index} local copies of registered versions (fetched from MLflow)
+      models/<version>/bundle/        local copies of registered versions (fetched from MLflow)
+      models/<version>/served/<as_of>/  served states of a version (built here or fetched from MLflow)
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ class Layout:
         return self.home / "models"
 
     def model_dir(self, version: str) -> Path:
-        """Local copy of one registered version: ``bundle/`` and ``index/``."""
+        """Local copy of one registered version: ``bundle/`` and ``served/<as_of>/``."""
         return self.models_dir / str(version)
+
+    def state_dir(self, version: str, as_of) -> Path:
+        """Local copy of one served state of a version (``hm_recsys.served``), as of an ISO date."""
+        return self.model_dir(version) / "served" / str(as_of)
 
     def run_dir(self, run_id: str) -> Path:
         """Scratch folder for one pipeline run (snapshot, checkpoints, index)."""

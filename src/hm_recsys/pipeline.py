@@ -28,6 +28,7 @@ from hm_recsys.fsutil import file_sha256, staged_dir
 from hm_recsys.split import Split
 
 SNAPSHOT_MANIFEST = "snapshot.json"
+TRAINED_UNTIL_TAG = "trained_until"
 
 
 class PipelineError(RuntimeError):
@@ -58,23 +59,64 @@ def run_date(context: Mapping) -> dt.date:
 
 
 # -- check_data -------------------------------------------------------------------
+def _config(params: Mapping):
+    from hm_recsys import train as training
+
+    overrides = _overrides(params)
+    if params.get("train_weeks"):
+        overrides.append(f"train.train_weeks={int(params['train_weeks'])}")
+    return training.load_config(params.get("config"), overrides=overrides)
+
+
 def check_data(params: Mapping, run_id: str, settings: Settings | None = None) -> dict:
-    """Derive the split from the params and the warehouse; fail early if weeks are missing."""
+    """Derive the split from the params, the model config and the warehouse; fail early if data is missing.
+
+    The features read the history lookback (``features.history_weeks``)
+    before the training window: where the warehouse starts later, the shorter
+    lookback is printed and recorded (``lookback``), and ``hm-recsys train``
+    on the same warehouse sees exactly the same. A gap inside the window the
+    features read is an error.
+    """
+    from hm_recsys import train as training
+
     settings = settings or Settings.from_env()
     wh = Warehouse(settings.layout.warehouse_dir)
     holdout = params.get("holdout_week")
     try:
-        split = Split.from_warehouse(
-            wh,
-            train_weeks=int(params.get("train_weeks") or 12),
-            holdout_week=dt.date.fromisoformat(holdout) if holdout else None,
-        )
+        config = _config(params)
+        split = training.resolve_split(wh, config, dt.date.fromisoformat(holdout) if holdout else None)
     except ValueError as e:
         raise PipelineError(f"cannot train: {e}") from e
     if params.get("force_promote") and not (params.get("force_reason") or "").strip():
         raise PipelineError("force_promote is set but force_reason is empty: say why the gate is overridden")
+    lookback = feature_lookback(wh, split, config.features.history_weeks)
     print(f"split: {split.describe()}")
-    return {"split": split.to_dict(), "warehouse": str(wh.root)}
+    if lookback["weeks_available"] < lookback["weeks_wanted"]:
+        print(f"note: the features look back {lookback['weeks_wanted']} weeks before the training window, the "
+              f"warehouse holds {lookback['weeks_available']} (it starts {lookback['first_week']}); "
+              f"recorded as the run's lookback")
+    return {"split": split.to_dict(), "warehouse": str(wh.root), "lookback": lookback}
+
+
+def feature_lookback(wh: Warehouse, split: Split, history_weeks: int) -> dict:
+    """What the features can read before ``split.train_start``; raises on a gap in the weeks they read."""
+    weeks = [w for w in wh.weeks() if w < split.holdout_end]
+    want_from = split.train_start - dt.timedelta(weeks=history_weeks)
+    first = max(min(weeks), want_from) if weeks else split.train_start
+    expected = []
+    w = first
+    while w < split.holdout_end:
+        expected.append(w)
+        w += dt.timedelta(weeks=1)
+    have = set(weeks)
+    gaps = [w for w in expected if w not in have]
+    if gaps:
+        raise PipelineError(f"cannot train: the warehouse lacks weeks {', '.join(map(str, gaps[:5]))}"
+                            f"{' ...' if len(gaps) > 5 else ''} inside the window the features read "
+                            f"[{first}, {split.holdout_end}) (history lookback {history_weeks} weeks + the split); "
+                            f"ingest them first")
+    available = (split.train_start - first).days // 7
+    return {"weeks_wanted": history_weeks, "weeks_available": available, "first_week": first.isoformat()}
 
 
 # -- build_snapshot ----------------------------------------------------------------
@@ -87,11 +129,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = None) -> dict:
-    """Freeze the split's partitions into ``runs/<run>/snapshot`` (itself a warehouse).
+    """Freeze every partition the run reads into ``runs/<run>/snapshot`` (itself a warehouse).
 
-    Drops ingested after this point do not change what this run trains and
-    scores on. Returns the snapshot path and a content hash of its files.
-    Idempotent: an existing complete snapshot is returned as is.
+    That is every week before the holdout's end: the split's weeks, the
+    features' history lookback, and the older weeks the article statistics
+    (first sale, mean price) and the baselines read. So a model trained by the
+    DAG or ``hm-recsys retrain`` sees exactly what ``hm-recsys train`` sees on
+    the warehouse. Drops ingested after this point do not change what this run
+    trains and scores on. Returns the snapshot path and a content hash of its
+    files. Idempotent: an existing complete snapshot is returned as is.
     """
     settings = settings or Settings.from_env()
     split = Split.from_dict(checked["split"])
@@ -108,7 +154,7 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
             (src.paths.articles, dst.paths.articles),
             (src.paths.customers, dst.paths.customers),
         ]
-        for week in split.all_weeks():
+        for week in [w for w in src.weeks() if w < split.holdout_end]:
             for part in src.part_files(week):
                 files.append((part, dst.paths.week_dir(week) / part.name))
         if src.paths.oracle_dir.exists():
@@ -124,6 +170,7 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
             "warehouse": str(dst_root),
             "data_hash": digest.hexdigest(),
             "files": len(files),
+            "lookback": checked.get("lookback"),
         }
         (tmp / SNAPSHOT_MANIFEST).write_text(json.dumps(out, indent=2))
     print(f"snapshot: {out['files']} files, data hash {out['data_hash'][:12]} at {dst_root}")
@@ -207,6 +254,8 @@ def register(trained: Mapping, run_id: str, settings: Settings | None = None) ->
             "airflow_run_id": run_id,
             "data_window": split.describe(),
             "holdout_start": split.holdout_start.isoformat(),
+            # the towers and the fusion learnt from transactions strictly before this date
+            TRAINED_UNTIL_TAG: split.holdout_start.isoformat(),
             "data_sha256": trained["data_hash"],
             "bundle_artifact": "bundle",
         },
@@ -215,68 +264,68 @@ def register(trained: Mapping, run_id: str, settings: Settings | None = None) ->
     return {**trained, "version": v.version}
 
 
-# -- build_index -----------------------------------------------------------------------
-def build_index(registered: Mapping, run_id: str, settings: Settings | None = None,
-                min_recall: float = 0.98) -> dict:
-    """Build the version's ScaNN index, log it with the version's run, cache both locally."""
-    import mlflow
+# -- build_index: the challenger's served state for the gate ----------------------------
+def _gate_state(bundle_dir: Path, version: str, warehouse: Warehouse, split: Split, customers: list[str],
+                out_dir: Path):
+    """A version's served state as of the holdout's start, for the holdout's buyers (reused if built already)."""
+    from hm_recsys import bundle
+    from hm_recsys.served import ServedState, StateError, build_state
 
-    from hm_recsys import bundle, evaluate
-    from hm_recsys.index import IndexFailure, build_index as build, verify_index
-    from hm_recsys.registry import INDEX_ARTIFACT, Registry
+    try:
+        return ServedState.load(out_dir, expected_version=version, expected_as_of=split.holdout_start)
+    except StateError:
+        pass
+    config, fusion = bundle.retrieval(bundle_dir)
+    return build_state(bundle.load(bundle_dir), warehouse, split.holdout_start, version, out_dir, config, fusion,
+                       customers=customers, progress=False)
+
+
+def build_index(registered: Mapping, run_id: str, settings: Settings | None = None) -> dict:
+    """Build the challenger's served state as of the holdout's start: features, candidate tables, ScaNN index.
+
+    It is what the gate scores (the index is tuned on the holdout customers'
+    queries and must reach its recall floor against exact search, else
+    nothing is built). A retry finds a verified state and reuses it.
+    """
+    from hm_recsys import evaluate as ev
+    from hm_recsys.served import describe
 
     settings = settings or Settings.from_env()
-    reg = Registry(settings)
     version = str(registered["version"])
-    local = settings.layout.model_dir(version)
-    index_dir = local / "index"
-    try:
-        manifest = verify_index(index_dir, expected_model_version=version)
-        print(f"index for version {version} already built and verified")
-    except IndexFailure:
-        rec = bundle.load(registered["bundle_dir"])
-        split = Split.from_dict(registered["split"])
-        truth = evaluate.holdout_truth(Warehouse(registered["warehouse"]), split)
-        queries = rec.customer_embeddings(list(truth.customer_ids))
-        manifest = build(rec.article_ids, rec.article_embeddings(), index_dir, model_version=version,
-                         eval_queries=queries, min_recall=min_recall)
-        print(f"index: {manifest.n_articles:,} articles, recall@12 vs exact {manifest.recall_at_12_vs_exact:.4f}")
-    if not (local / "bundle").exists():
-        shutil.copytree(registered["bundle_dir"], local / "bundle")
-    with mlflow.start_run(run_id=registered["mlflow_run_id"]):
-        mlflow.log_artifacts(str(index_dir), INDEX_ARTIFACT)
-        mlflow.log_metric("index_recall_at_12_vs_exact", manifest.recall_at_12_vs_exact)
-    reg.tag(version, {"index_recall_at_12_vs_exact": manifest.recall_at_12_vs_exact,
-                      "index_sha256": manifest.embedding_sha256, "index_artifact": INDEX_ARTIFACT})
-    return {**registered, "index_dir": str(index_dir), "index_recall": manifest.recall_at_12_vs_exact}
+    split = Split.from_dict(registered["split"])
+    wh = Warehouse(registered["warehouse"])
+    truth = ev.holdout_truth(wh, split)
+    out = settings.layout.run_dir(run_key(run_id)) / "gate" / f"v{version}"
+    state = _gate_state(Path(registered["bundle_dir"]), version, wh, split, list(truth.customer_ids), out)
+    facts = describe(state)
+    print(f"served state of version {version} as of {state.as_of}: {facts['n_recommendable_articles']:,} "
+          f"recommendable articles, index recall@12 vs exact {facts['index']['recall_at_12_vs_exact']:.4f}; "
+          f"fusion {facts['fusion']}")
+    return {**registered, "state_dir": str(out), "index_recall": facts["index"]["recall_at_12_vs_exact"]}
 
 
 # -- evaluate (the gate) -------------------------------------------------------------------
-def _served_predictions(bundle_dir: Path, index_dir: Path, version: str, warehouse: Warehouse, split: Split,
-                        customers: list[str], k: int = 100) -> dict[str, list[str]]:
-    """Rankings exactly as serving would produce them: bundle -> customer tower -> the version's index.
-
-    Customer histories are replayed up to the holdout start, so an older
-    champion sees the same information as the challenger.
-    """
-    from hm_recsys import bundle, evaluate
-    from hm_recsys.index import load_index
-
-    rec = bundle.load(bundle_dir)
-    if rec.as_of != split.holdout_start:
-        rec = rec.with_history(warehouse, split.holdout_start, progress=False)
-    index, _ = load_index(index_dir, expected_model_version=version, expected_dim=rec.dim)
-    rows, _ = index.search(rec.customer_embeddings(customers), k)
-    return evaluate.predictions_from_index(customers, index.article_ids, rows)
+def champion_trained_until(info) -> dt.date | None:
+    """The date before which a version's weights and fusion learnt (its tags), None if unknown."""
+    value = info.tags.get(TRAINED_UNTIL_TAG) or info.tags.get("holdout_start")
+    return dt.date.fromisoformat(value) if value else None
 
 
 def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, settings: Settings | None = None) -> dict:
-    """Challenger vs champion vs popularity (vs oracle) on the same holdout; record the gate's decision."""
+    """Challenger vs champion vs every heuristic (vs oracle) on the same holdout; record the gate's decision.
+
+    Both models are scored as served at the holdout's start: a served state
+    of each (its own weights, fusion and index, features replayed to that
+    date) through ``ServedState.predictions``, the code path of ``/recommend``.
+    A champion whose training data reaches into the holdout week cannot be
+    judged on it: that is an error, not a comparison.
+    """
     import mlflow
 
     from hm_recsys import evaluate as ev
     from hm_recsys.gate import GateConfig, decide
     from hm_recsys.registry import CHAMPION, Registry
+    from hm_recsys.served import ServedState
 
     settings = settings or Settings.from_env()
     reg = Registry(settings)
@@ -285,83 +334,183 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
     wh = Warehouse(indexed["warehouse"])
     truth = ev.holdout_truth(wh, split)
     customers = list(truth.customer_ids)
-
-    models: dict[str, dict[str, list[str]]] = {
-        f"challenger v{version}": _served_predictions(Path(indexed["bundle_dir"]), Path(indexed["index_dir"]),
-                                                      version, wh, split, customers),
-    }
+    challenger = ServedState.load(indexed["state_dir"], expected_version=version, expected_as_of=split.holdout_start)
+    name = f"challenger v{version}"
+    models: dict[str, dict[str, list[str]]] = {name: challenger.predictions(customers, 100)}
     champion = reg.get(CHAMPION)
     if champion is not None and champion.version != version:
+        until = champion_trained_until(champion)
+        if until is not None and until > split.holdout_start:
+            raise PipelineError(
+                f"cannot judge version {version} against champion v{champion.version} on the holdout week "
+                f"{split.holdout_start}: the champion learnt from data up to {until}, which reaches into that "
+                f"week. Pick a later holdout week (holdout_week param / --holdout-week).")
         files = reg.fetch(champion.version)
-        models[f"champion v{champion.version}"] = _served_predictions(
-            files.bundle_dir, files.index_dir, champion.version, wh, split, customers)
+        scratch = Path(indexed["state_dir"]).parent / f"champion-v{champion.version}"
+        state = _gate_state(files.bundle_dir, champion.version, wh, split, customers, scratch)
+        models[f"champion v{champion.version}"] = state.predictions(customers, 100)
     else:
         champion = None
     models.update(ev.baselines_for_split(wh, split, k=100, customers=customers, progress=False))
     catalogue = ev.warehouse_catalogue_size(wh)
     results, _ = ev.score_all(models, truth, catalogue_size=catalogue, max_k=100)
 
-    per = {name: ev.per_customer_metrics(models[name], truth, k=12).recall for name in models}
+    per = {n: ev.per_customer_metrics(models[n], truth, k=12).recall for n in models}
     force = (params.get("force_reason") or "").strip() if params.get("force_promote") else None
     decision = decide(
-        per[f"challenger v{version}"],
+        per[name],
         per[f"champion v{champion.version}"] if champion else None,
-        popularity_recall=results[ev.POPULARITY]["recall@12"],
+        baselines={b: results[b]["recall@12"] for b in ev.BASELINES if b in results},
         config=GateConfig(min_lift=float(params.get("gate_margin", GateConfig.min_lift))),
         force_reason=force,
     )
     week = f"{split.holdout_start}..{split.holdout_end - dt.timedelta(days=1)}"
     table = ev.comparison_table(results, title=f"gate on holdout week {week}: {len(truth):,} scored customers, "
-                                                "models served through their ScaNN indexes")
+                                                "models as served (candidate sources, fusion, ScaNN index)")
     print(table)
     print(f"gate decision: {decision.reason}")
 
     reg.tag(version, {**decision.as_tags(), "gate.champion_version": champion.version if champion else "",
                       "gate.holdout_week": split.holdout_start.isoformat()})
     with mlflow.start_run(run_id=indexed["mlflow_run_id"]) as run:
-        for name, res in results.items():
-            key = "challenger" if name.startswith("challenger") else "champion" if name.startswith("champion") else name
+        for model, res in results.items():
+            key = "challenger" if model.startswith("challenger") else "champion" if model.startswith("champion") \
+                else model
             for metric in ("recall@12", "recall@100", "map@12"):
                 mlflow.log_metric(f"gate.{key.replace('+', '_')}.{metric.replace('@', '_at_')}", res[metric])
-        mlflow.set_tags({"gate.decision": "promote" if decision.promote else "keep", "gate.reason": decision.reason})
+        mlflow.set_tags({"gate.decision": "promote" if decision.promote else "keep", "gate.reason": decision.reason,
+                         "gate.rule": decision.rule})
         mlflow.log_text(table + "\n\n" + decision.reason + "\n", "gate/comparison.txt")
         experiment_id = run.info.experiment_id
     return {
         "version": version,
         "promote": decision.promote,
         "reason": decision.reason,
+        "rule": decision.rule,
         "champion_version": champion.version if champion else None,
         "challenger_recall": decision.challenger_recall,
         "champion_recall": decision.champion_recall,
-        "popularity_recall": decision.popularity_recall,
+        "best_baseline": decision.best_baseline,
+        "best_baseline_recall": decision.best_baseline_recall,
         "mlflow_run_id": indexed["mlflow_run_id"],
         "experiment_id": experiment_id,
         "table": table,
     }
 
 
-# -- deploy ---------------------------------------------------------------------------
-def deploy(promoted: Mapping, settings: Settings | None = None) -> dict:
-    """Build the Bento for the new champion and switch a running service to it."""
+# -- served states: build, publish, refresh ---------------------------------------------
+def newest_as_of(wh: Warehouse) -> dt.date:
+    """The date a state "as of the newest ingested week" is computed for: the day after that week ends."""
+    return wh.last_complete_week() + dt.timedelta(weeks=1)
+
+
+def publish_state(version: str, as_of: dt.date | None = None, settings: Settings | None = None,
+                  progress: bool = False) -> dict:
+    """Build version's served state as of ``as_of`` (default: newest) from the warehouse and publish it.
+
+    One writer at a time: the build and the publication hold the served-state
+    lock, and a state is only built when the version has none at least as
+    new (an older as_of never replaces a newer one; a retry finds it done).
+    Returns ``{"version", "as_of", "status": built | current, "seconds", ...}``.
+    """
+    import time
+
+    from hm_recsys import bundle
+    from hm_recsys.registry import Registry
+    from hm_recsys.served import build_state, describe
+
+    settings = settings or Settings.from_env()
+    reg = Registry(settings)
+    wh = Warehouse(settings.layout.warehouse_dir)
+    as_of = as_of or newest_as_of(wh)
+    version = str(version)
+    t0 = time.perf_counter()
+    with reg.lock("served-state-build"):
+        newest = reg.served_as_of(version)
+        if newest is not None and newest >= as_of.isoformat():
+            print(f"version {version} already has a served state as of {newest} (>= {as_of}): nothing to build")
+            return {"version": version, "as_of": newest, "status": "current", "seconds": 0.0}
+        files = reg.fetch(version)
+        config, fusion = bundle.retrieval(files.bundle_dir)
+        out = settings.layout.state_dir(version, as_of.isoformat())
+        state = build_state(bundle.load(files.bundle_dir), wh, as_of, version, out, config, fusion, progress=progress)
+        published = reg.publish_state(version, out)
+    facts = describe(state)
+    seconds = round(time.perf_counter() - t0, 1)
+    print(f"served state of version {version} as of {as_of}: {facts['n_customers']:,} customers "
+          f"({facts['n_customers_with_history']:,} with a history), {facts['n_recommendable_articles']:,} "
+          f"recommendable articles, index recall@12 vs exact {facts['index']['recall_at_12_vs_exact']:.4f}; "
+          f"built and published in {seconds} s")
+    return {"version": version, "as_of": as_of.isoformat(), "status": "built", "seconds": seconds,
+            "served_as_of": published["served_as_of"], "build_seconds": state.manifest.get("seconds")}
+
+
+def switch(version: str, as_of: str, url: str | None = None) -> dict:
+    """Ask a running local service to load (version, as_of) and wait until ``/metadata`` says so."""
     from hm_recsys import deploy as deployment
 
+    token = os.environ.get("HM_RECSYS_ADMIN_TOKEN")
+    out = deployment.switch_service(str(version), url or deployment.default_url(), token, as_of=as_of)
+    print(f"service {out['url']}: {out['status']} (version {version} as of {as_of})")
+    return out
+
+
+def refresh(settings: Settings | None = None, as_of: dt.date | None = None, switch_service: bool = True,
+            url: str | None = None) -> dict:
+    """Refresh without retraining: the champion's served state as of the newest week, published and swapped in.
+
+    With the champion's weights and fusion fixed, rebuilds histories, article
+    statistics, customer and article embeddings, candidate tables and the
+    ScaNN index (recall floor re-verified) as of ``as_of`` (default: the
+    newest ingested week), publishes it (``served/<as_of>/`` of the version's
+    MLflow run) and makes a running local service load it. No champion: nothing to do.
+    """
+    from hm_recsys.registry import CHAMPION, Registry
+
+    settings = settings or Settings.from_env()
+    champion = Registry(settings).get(CHAMPION)
+    if champion is None:
+        print("no champion yet: nothing to refresh (hm_retrain promotes one)")
+        return {"status": "no-champion"}
+    out = publish_state(champion.version, as_of, settings)
+    if switch_service:
+        out["service"] = switch(champion.version, out["as_of"], url)["status"]
+    return out
+
+
+# -- deploy ---------------------------------------------------------------------------
+def deploy(promoted: Mapping, settings: Settings | None = None) -> dict:
+    """Serve the new champion as of the NEWEST week: publish its state, build the Bento, switch the service."""
+    from hm_recsys import deploy as deployment
+
+    settings = settings or Settings.from_env()
+    state = publish_state(str(promoted["version"]), settings=settings)
     # HM_RECSYS_DEPLOY_BENTO=0 skips `bentoml build` (the service switch still happens):
     # for test runs of the DAG, where the Bento build is covered by the service's own tests.
     build = os.environ.get("HM_RECSYS_DEPLOY_BENTO", "1") != "0"
-    out = deployment.deploy(str(promoted["version"]), settings or Settings.from_env(), build=build)
-    print(f"deployed version {out['version']}: bento {out.get('bento')}, service {out['service']['status']}")
-    return {"version": out["version"], "bento": out.get("bento"), "service": out["service"]["status"]}
+    out = deployment.deploy(str(promoted["version"]), settings, build=build)
+    print(f"deployed version {out['version']} as of {out['as_of']}: bento {out.get('bento')}, "
+          f"service {out['service']['status']}")
+    return {"version": out["version"], "as_of": out["as_of"], "bento": out.get("bento"),
+            "service": out["service"]["status"], "state": state["status"]}
 
 
 # -- promote / keep / report ---------------------------------------------------------
 def promote(decision: Mapping, settings: Settings | None = None) -> dict:
-    """Move ``champion`` to the decided version; idempotent (a retry finds it done)."""
-    from hm_recsys.registry import Registry
+    """Move ``champion`` to the decided version: compare-and-set on the champion the gate judged.
+
+    If the alias moved since the gate (a rollback, another promotion), the
+    promotion fails loudly and nothing changes. Idempotent: a retry finds it done.
+    """
+    from hm_recsys.registry import ChampionMoved, Registry
 
     if not decision.get("promote"):
         raise PipelineError(f"the gate did not promote version {decision.get('version')}: {decision.get('reason')}")
     reg = Registry(settings)
-    aliases = reg.promote(decision["version"])
+    try:
+        aliases = reg.promote(decision["version"], expected_champion=decision.get("champion_version"))
+    except ChampionMoved as e:
+        raise PipelineError(str(e)) from e
     reg.tag(decision["version"], {"promoted": "true"})
     print(f"promoted version {decision['version']}: aliases now {aliases}")
     return {"version": str(decision["version"]), "aliases": aliases}
@@ -461,16 +610,66 @@ def gate_main(argv: list[str] | None = None) -> int:
         wh = Warehouse(settings.layout.warehouse_dir)
         holdout = a.holdout_week or info.tags.get("holdout_start")
         split = Split.from_warehouse(wh, train_weeks=1, holdout_week=dt.date.fromisoformat(holdout) if holdout else None)
-    except (RegistryError, ValueError) as e:
+        registered = {"version": info.version, "split": split.to_dict(), "warehouse": str(wh.root),
+                      "bundle_dir": str(files.bundle_dir), "mlflow_run_id": info.run_id}
+        params = {"gate_margin": a.gate_margin, "force_promote": a.force_reason is not None,
+                  "force_reason": a.force_reason}
+        decision = evaluate(build_index(registered, f"gate-v{info.version}-{split.holdout_start}", settings), params,
+                            settings=settings)
+        if decision["promote"] and a.promote:
+            promote(decision, settings)
+    except (RegistryError, ValueError, PipelineError) as e:
         print(f"hm-recsys gate: {e}", file=sys.stderr)
         return 1
-    indexed = {"version": info.version, "split": split.to_dict(), "warehouse": str(wh.root),
-               "bundle_dir": str(files.bundle_dir), "index_dir": str(files.index_dir), "mlflow_run_id": info.run_id}
-    params = {"gate_margin": a.gate_margin, "force_promote": a.force_reason is not None, "force_reason": a.force_reason}
-    decision = evaluate(indexed, params, settings=settings)
-    if decision["promote"] and a.promote:
-        promote(decision, settings)
     return 0 if decision["promote"] else 3
+
+
+def live_quality(params: Mapping | None = None, settings: Settings | None = None) -> dict:
+    """Score the served state that was live in each newly ingested week (``hm_recsys.monitor``)."""
+    from hm_recsys import monitor
+
+    params = params or {}
+    fail = params.get("fail_on_low_quality")
+    out = monitor.live_quality(settings, fail_below_baseline=None if fail is None else bool(fail))
+    keep = ("week", "as_of", "customers", "served_recall_at_12", "best_baseline", "best_baseline_recall_at_12",
+            "below_best_baseline", "drift_verdict")
+    return {"status": out["status"], "version": out.get("version"), "run_id": out.get("run_id"),
+            "weeks": [{k: w.get(k) for k in keep} for w in out["weeks"]]}
+
+
+def refresh_main(argv: list[str] | None = None) -> int:
+    """``hm-recsys refresh``: the hm_refresh DAG as one command."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="hm-recsys refresh",
+        description="Refresh the served state without retraining: score the state that served each newly "
+                    "ingested week (live quality, logged to the champion's monitoring run in MLflow), then rebuild "
+                    "the champion's served state as of the newest week (histories, embeddings, candidate tables, "
+                    "ScaNN index), publish it and hot-swap it into a running service.")
+    p.add_argument("--as-of", type=dt.date.fromisoformat, metavar="YYYY-MM-DD",
+                   help="a Wednesday (default: the day after the newest ingested week)")
+    p.add_argument("--no-switch", action="store_true", help="publish only; do not ask a running service to load it")
+    p.add_argument("--url", help="the running service (default http://127.0.0.1:$HM_RECSYS_SERVE_PORT, port 3000)")
+    p.add_argument("--no-live-quality", action="store_true", help="skip scoring the weeks already served")
+    p.add_argument("--fail-on-low-quality", action="store_true",
+                   help="exit 1 if the champion served below the best heuristic in a scored week")
+    a = p.parse_args(argv)
+    from hm_recsys import deploy as deployment
+    from hm_recsys.monitor import LiveQualityBelowBaseline
+    from hm_recsys.registry import RegistryError
+    from hm_recsys.served import StateError
+
+    try:
+        if not a.no_live_quality:
+            live_quality({"fail_on_low_quality": a.fail_on_low_quality})
+        out = refresh(as_of=a.as_of, switch_service=not a.no_switch, url=a.url)
+    except (PipelineError, RegistryError, StateError, ValueError, deployment.DeployError,
+            LiveQualityBelowBaseline) as e:
+        print(f"hm-recsys refresh: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2, default=str))
+    return 0
 
 
 def promote_main(argv: list[str] | None = None) -> int:
@@ -520,7 +719,8 @@ def process_drops(run_id: str, run_date: dt.date) -> list[dict]:
         print(f"{d['status'].upper():8} {d['file']}: {d['summary']}")
     if not result["drops"]:
         print("no drops in the incoming folder")
-    keep = ("file", "sha256", "week", "status", "rows", "ingest", "moved_to", "quarantine", "report", "summary")
+    keep = ("file", "sha256", "week", "status", "rows", "ingest", "moved_to", "quarantine", "report", "summary",
+            "drift_verdict", "drift_report", "drift_plot")
     return [{k: d.get(k) for k in keep} for d in result["drops"]]
 
 

@@ -14,6 +14,14 @@
   docs/registry.md for a one-slot pool if promotions also come from elsewhere.
 * The champion history is kept as a JSON list in the registered model's tag
   ``champion_history`` so a rollback knows what came before.
+* Promotion is compare-and-set: ``promote(version, expected_champion=...)``
+  refuses (``ChampionMoved``) and changes nothing when the champion is not the
+  one the gate judged (a rollback or another promotion in between).
+* Served states (``hm_recsys.served``) are artifacts of the version's run
+  under ``served/<as_of>/``; the version's tags ``served_as_of`` (the newest)
+  and ``served_states`` (all, JSON) say which exist. ``publish_state`` holds
+  the served-state lock, so there is one writer at a time, and never moves
+  ``served_as_of`` back to an older date.
 """
 
 from __future__ import annotations
@@ -36,20 +44,35 @@ IDEMPOTENCY_TAG = "idempotency_key"
 
 
 BUNDLE_ARTIFACT = "bundle"  # run artifact path of the model bundle
-INDEX_ARTIFACT = "index"  # run artifact path of the version's ScaNN index
+STATE_ARTIFACT = "served"  # run artifact folder of the version's served states: served/<as_of>/
+SERVED_AS_OF_TAG = "served_as_of"
+SERVED_STATES_TAG = "served_states"
 
 
 class RegistryError(RuntimeError):
     pass
 
 
+class ChampionMoved(RegistryError):
+    """The champion is no longer the one a decision was made against; nothing was changed."""
+
+
+_ANY = object()  # promote(): no compare-and-set
+
+
 @dataclass(frozen=True)
 class VersionFiles:
-    """A registered version materialised on local disk: everything serving needs."""
+    """A registered version materialised on local disk: its bundle (and a served state, when fetched)."""
 
     version: str
     bundle_dir: Path
-    index_dir: Path
+    state_dir: Path | None = None
+
+    @property
+    def as_of(self):
+        import datetime as dt
+
+        return dt.date.fromisoformat(self.state_dir.name) if self.state_dir is not None else None
 
 
 @dataclass(frozen=True)
@@ -149,9 +172,12 @@ class Registry:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.name, str(version), k, str(v))
 
-    def promote(self, version: str | int) -> dict[str, str]:
+    def promote(self, version: str | int, expected_champion: object = _ANY) -> dict[str, str]:
         """Make ``version`` the champion; the old champion becomes previous-champion.
 
+        ``expected_champion``: the champion (version string, or None for "no
+        champion") the decision was made against; if the alias points
+        elsewhere now, ``ChampionMoved`` is raised and nothing changes.
         Idempotent: promoting the current champion again changes nothing.
         Returns the aliases read back after the change.
         """
@@ -159,6 +185,15 @@ class Registry:
         with self.lock():
             self.version(version)  # raises if it does not exist
             current = self.get(CHAMPION)
+            now = current.version if current else None
+            if expected_champion is not _ANY and now != version:
+                expected = None if expected_champion is None else str(expected_champion)
+                if now != expected:
+                    raise ChampionMoved(
+                        f"the champion moved since the gate judged version {version} against "
+                        f"{'no champion' if expected is None else f'version {expected}'}: it is now "
+                        f"{'none' if now is None else f'version {now}'}; nothing was changed. Run the gate again "
+                        f"(hm-recsys gate --version {version}) to judge it against the current champion")
             if current is None or current.version != version:
                 history = self.history()
                 if current is not None:
@@ -197,37 +232,100 @@ class Registry:
         return aliases
 
     def fetch(self, version: str | int) -> VersionFiles:
-        """Local ``bundle/`` and ``index/`` of a version, downloaded from its MLflow run once.
+        """The local ``bundle/`` of a version, downloaded from its MLflow run once.
 
-        The run's artifacts ``bundle/`` and ``index/`` are the source of truth;
-        the copy under ``models/<version>/`` is a cache, written to a temporary
-        folder and renamed, so a half-finished download is never used. The index
-        manifest's model version is checked against ``version``.
+        The run's artifact ``bundle/`` is the source of truth; the copy under
+        ``models/<version>/bundle`` is a cache, written to a temporary folder
+        and renamed, so a half-finished download is never used.
         """
         import mlflow
-
-        from hm_recsys.index import verify_index
 
         mv = self.version(version)
         if mv.run_id is None:
             raise RegistryError(f"version {mv.version} has no MLflow run to fetch artifacts from")
-        root = self.settings.layout.model_dir(mv.version)
-        if not (root / "bundle").is_dir() or not (root / "index").is_dir():
+        dest = self.settings.layout.model_dir(mv.version) / BUNDLE_ARTIFACT
+        if not dest.is_dir():
             try:
-                with staged_dir(root) as tmp:
-                    for art in (BUNDLE_ARTIFACT, INDEX_ARTIFACT):
-                        mlflow.artifacts.download_artifacts(
-                            run_id=mv.run_id, artifact_path=art, dst_path=str(tmp),
-                            tracking_uri=self.settings.mlflow_tracking_uri,
-                        )
+                with staged_dir(dest) as tmp:
+                    mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=BUNDLE_ARTIFACT,
+                                                        dst_path=str(tmp),
+                                                        tracking_uri=self.settings.mlflow_tracking_uri)
+                    _flatten(tmp, BUNDLE_ARTIFACT)
             except Exception as e:
-                raise RegistryError(f"cannot fetch version {mv.version} (run {mv.run_id}): {e}") from e
-        verify_index(root / "index", expected_model_version=mv.version)
-        return VersionFiles(mv.version, root / "bundle", root / "index")
+                raise RegistryError(f"cannot fetch the bundle of version {mv.version} (run {mv.run_id}): {e}") from e
+        return VersionFiles(mv.version, dest)
+
+    # -- served states -------------------------------------------------------------
+    def served_states(self, version: str | int) -> list[str]:
+        """The as_of dates (ISO) of the version's published served states, oldest first."""
+        return sorted(json.loads(self.version(version).tags.get(SERVED_STATES_TAG, "[]")))
+
+    def served_as_of(self, version: str | int) -> str | None:
+        """The newest published served state's as_of (ISO) of a version, None if none yet."""
+        return self.version(version).tags.get(SERVED_AS_OF_TAG) or None
+
+    def publish_state(self, version: str | int, state_dir: Path) -> dict[str, object]:
+        """Log a served state as ``served/<as_of>/`` of the version's run and advance ``served_as_of``.
+
+        Under the served-state lock (one writer at a time). Idempotent: a state
+        already published for that as_of is not uploaded again. ``served_as_of``
+        only moves forward: publishing an older as_of keeps the newer one
+        (returns ``{"current": False}``).
+        """
+        import mlflow
+
+        from hm_recsys.served import StateError, read_manifest
+
+        version = str(version)
+        m = read_manifest(state_dir)
+        if m["model_version"] != version:
+            raise StateError(f"{state_dir}: a state of version {m['model_version']}, not {version}")
+        as_of = m["as_of"]
+        with self.lock("served-state"):
+            mv = self.version(version)
+            states = sorted(json.loads(mv.tags.get(SERVED_STATES_TAG, "[]")))
+            if as_of not in states:
+                mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
+                self.client.log_artifacts(mv.run_id, str(state_dir), f"{STATE_ARTIFACT}/{as_of}")
+                states = sorted({*states, as_of})
+                self.client.set_model_version_tag(self.name, version, SERVED_STATES_TAG, json.dumps(states))
+            newest = mv.tags.get(SERVED_AS_OF_TAG) or ""
+            current = as_of >= newest
+            if as_of > newest:
+                self.client.set_model_version_tag(self.name, version, SERVED_AS_OF_TAG, as_of)
+            return {"version": version, "as_of": as_of, "current": current,
+                    "served_as_of": max(as_of, newest), "states": states}
+
+    def fetch_state(self, version: str | int, as_of: str | None = None) -> VersionFiles:
+        """A version's bundle and one of its served states (default: the newest), on local disk, verified."""
+        import mlflow
+
+        from hm_recsys.served import read_manifest, verify_files
+
+        files = self.fetch(version)
+        mv = self.version(version)
+        as_of = as_of or mv.tags.get(SERVED_AS_OF_TAG)
+        if not as_of:
+            raise RegistryError(f"version {mv.version} has no published served state yet "
+                                f"(hm-recsys refresh, or deploy after promotion, publishes one)")
+        dest = self.settings.layout.state_dir(mv.version, as_of)
+        if not dest.is_dir():
+            try:
+                with staged_dir(dest) as tmp:
+                    mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=f"{STATE_ARTIFACT}/{as_of}",
+                                                        dst_path=str(tmp),
+                                                        tracking_uri=self.settings.mlflow_tracking_uri)
+                    _flatten(tmp, f"{STATE_ARTIFACT}/{as_of}")
+            except Exception as e:
+                raise RegistryError(f"cannot fetch the served state of version {mv.version} as of {as_of} "
+                                    f"(run {mv.run_id}): {e}") from e
+        verify_files(dest, read_manifest(dest))
+        return VersionFiles(mv.version, files.bundle_dir, dest)
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        path: Path = self.settings.home / "locks" / f"registry-{self.name}.lock"
+    def lock(self, what: str = "registry") -> Iterator[None]:
+        """An exclusive ``flock`` on ``locks/<what>-<model>.lock`` under the runtime folder."""
+        path: Path = self.settings.home / "locks" / f"{what}-{self.name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -235,3 +333,15 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _flatten(tmp: Path, artifact_path: str) -> None:
+    """``download_artifacts`` puts ``a/b/`` under ``tmp/a/b``: move its content up to ``tmp``."""
+    inner = tmp / artifact_path
+    if inner.is_dir():
+        for child in list(inner.iterdir()):
+            child.rename(tmp / child.name)
+        top = tmp / artifact_path.split("/")[0]
+        import shutil
+
+        shutil.rmtree(top)

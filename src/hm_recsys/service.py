@@ -5,15 +5,15 @@ Run it with ``hm-recsys serve`` (or ``make serve``); it binds 127.0.0.1.
 =======================  =====================================================
 ``POST /recommend``       ``{customer_id, top_k=12 (1..100), exclude_purchased=false}``
                           -> ``{customer_id, recommendations: [{article_id, score, rank}],
-                          count, model_version, fallback}``
+                          count, model_version, as_of, fallback}``
 ``POST /recommend/batch`` ``{customer_ids: [...] (1..1000), top_k, exclude_purchased}``
-                          -> ``{results: [<as /recommend>], count, model_version}``
-``POST /similar-items``   ``{article_id, top_k}`` -> ``{article_id, similar, count, model_version}``
+                          -> ``{results: [<as /recommend>], count, model_version, as_of}``
+``POST /similar-items``   ``{article_id, top_k}`` -> ``{article_id, similar, count, model_version, as_of}``
 ``POST /admin/reload``    header ``Authorization: Bearer $HM_RECSYS_ADMIN_TOKEN``; ``{force}``
                           -> 202, the check runs in the background
 ``GET /livez``            the process is up (BentoML built-in)
 ``GET /readyz``           200 only once a verified model+index is loaded (``__is_ready__``)
-``GET /metadata``         model version, index manifest, data window, metrics, reloader state
+``GET /metadata``         model version, as_of, index facts, fusion, data window, metrics, reloader state
 =======================  =====================================================
 
 Errors: malformed input -> 400 naming the field (pydantic, ``detail[].loc``);
@@ -76,8 +76,13 @@ TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, strict=True, description=f"list 
 # -- response shapes (the OpenAPI schema; bodies are serialised straight from dicts) ----
 class Recommendation(BaseModel):
     article_id: str
-    score: float = Field(description="dot product of the L2-normalised embeddings (cosine)")
+    score: float = Field(description="the fused score of the candidate sources (higher is better); for "
+                                     "/similar-items, the cosine of the two articles' embeddings")
     rank: int = Field(description="1 = best")
+
+
+AsOf = Field(description="the served state's date: customer histories and article facts use transactions "
+                         "strictly before it (YYYY-MM-DD)")
 
 
 class RecommendResponse(BaseModel):
@@ -85,13 +90,15 @@ class RecommendResponse(BaseModel):
     recommendations: list[Recommendation]
     count: int
     model_version: str
-    fallback: bool = Field(description="true: unknown customer, answered by the cold-start query")
+    as_of: str = AsOf
+    fallback: bool = Field(description="true: unknown customer, answered by the cold-start query and trending")
 
 
 class BatchResponse(BaseModel):
     results: list[RecommendResponse]
     count: int
     model_version: str
+    as_of: str = AsOf
 
 
 class SimilarResponse(BaseModel):
@@ -99,6 +106,7 @@ class SimilarResponse(BaseModel):
     similar: list[Recommendation]
     count: int
     model_version: str
+    as_of: str = AsOf
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -235,7 +243,7 @@ _web = Starlette(routes=[Route("/metadata", metadata_endpoint, methods=["GET"])]
 )
 @bentoml.asgi_app(_web, path="/")
 class RecommendationService:
-    """Recommendations for the model version the registry's alias names; hot-swapped, never mixed."""
+    """Recommendations from the served state of the version the registry's alias names; hot-swapped, never mixed."""
 
     def __init__(self, runtime: Runtime | None = None, start: bool = True):
         self.runtime = runtime or Runtime.from_env()
@@ -264,7 +272,7 @@ class RecommendationService:
     @bentoml.api(route="/recommend/batch")
     async def recommend_batch(self, customer_ids: Annotated[list[CustomerId], Field(min_length=1)],
                               top_k: TopK = DEFAULT_TOP_K, exclude_purchased: bool = False) -> BatchResponse:
-        """Top-k articles for many customers at once (one index search for all)."""
+        """Top-k articles for many customers at once (one pass of the candidate sources for all)."""
         import anyio.to_thread
 
         try:
@@ -275,13 +283,14 @@ class RecommendationService:
             # big batches leave the event loop so single requests keep flowing meanwhile
             results = await anyio.to_thread.run_sync(served.recommend, customer_ids, top_k, exclude_purchased) \
                 if len(customer_ids) > 32 else served.recommend(customer_ids, top_k, exclude_purchased)
-            return _json({"results": results, "count": len(results), "model_version": served.version})
+            return _json({"results": results, "count": len(results), "model_version": served.version,
+                          "as_of": served.as_of.isoformat()})
         except (RequestError, NotReady) as e:
             return _error(e)
 
     @bentoml.api(route="/similar-items")
     async def similar_items(self, article_id: ArticleId, top_k: TopK = DEFAULT_TOP_K) -> SimilarResponse:
-        """Articles nearest to an article, through the same index (item-to-item)."""
+        """Recommendable articles nearest to an article by embedding, through the served index."""
         try:
             served = self.runtime.holder.require()
             return _json(served.similar_items(article_id, top_k))
@@ -306,7 +315,7 @@ class RecommendationService:
         current = self.runtime.holder.current()
         ctx.response.status_code = 202
         return _json({"status": "reload requested", "serving": current.version if current else None,
-                      "pid": os.getpid()}, 202)
+                      "as_of": current.as_of.isoformat() if current else None, "pid": os.getpid()}, 202)
 
 
 RecommendationService.add_asgi_middleware(RequestGuard)

@@ -1,17 +1,20 @@
 """The serving core, free of any web framework: what ``hm_recsys.service`` (BentoML) runs.
 
-* ``Served``: one loaded, verified model version: the bundle's ``Recommender``,
-  its ScaNN index (bound to the same model version by the index manifest),
-  and what can be computed once at load: every known customer's query
-  embedding and the cold-start query. Immutable once built.
+* ``Served``: one loaded, verified served state (``hm_recsys.served``) of one
+  model version as of one date: precomputed customer queries (memory-mapped),
+  candidate tables, the fusion and the ScaNN index. Nothing is computed at
+  load but checks; a request runs ``ServedState.recommend_rows``, the code
+  path the evaluation and the gate scored. Immutable once built.
 * ``ModelHolder``: the one reference to the ``Served`` answering requests.
-  A request reads it **once** and uses that object for everything (embedding,
-  search, ``model_version`` of the response), so a swap can never mix two
-  versions inside one answer; a swap is a single reference assignment.
-* ``Reloader``: resolves the version to serve (the registry's ``champion``
-  alias, or a pinned version), fetches and fully loads + verifies a new one
-  in the background, and only then swaps it in. A version that fails to load
-  is remembered and skipped (the old one keeps serving) until forced.
+  A request reads it **once** and uses that object for everything (answer,
+  ``model_version`` and ``as_of`` of the response), so a swap can never mix
+  two states inside one answer; a swap is a single reference assignment.
+* ``Reloader``: resolves what to serve, (version, as_of): the registry's
+  ``champion`` alias (or a pinned version) and that version's newest published
+  served state; fetches and fully loads + verifies a new one in the
+  background, and only then swaps it in. An older as_of of the same version
+  never replaces a newer one. A state that fails to load is remembered and
+  skipped (the old one keeps serving) until forced.
 * Request validation (``check_customer_id``, ``normalise_article_id``,
   ``check_top_k``) raising ``RequestError`` with the offending field.
 
@@ -39,10 +42,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from hm_recsys.bundle import Recommender
     from hm_recsys.config import Settings
-    from hm_recsys.index import Index, IndexManifest
     from hm_recsys.registry import VersionFiles
+    from hm_recsys.served import ServedState
 
 log = logging.getLogger("hm_recsys.serving")
 
@@ -73,8 +75,8 @@ class ServeSettings:
         max_body_bytes: largest request body of the single-customer endpoints (64 KiB).
         max_batch_body_bytes: largest body of ``/recommend/batch`` (1 MiB).
         max_batch_ids: most customer ids in one batch request (1000).
-        min_recall: recall@12 of the index vs the model's exact scores that a new
-            version must reach on sampled customers before it may serve (0.9).
+        min_recall: recall@12 of the index vs exact search over the state's article
+            embeddings that a new state must reach on sampled customers before it may serve (0.9).
     """
 
     alias: str = "champion"
@@ -177,191 +179,122 @@ class LoadError(RuntimeError):
 
 def _ranked(ids: list[str], rows: Sequence[int], scores: Sequence[float]) -> list[dict[str, Any]]:
     return [{"article_id": ids[r], "score": round(float(s), 6), "rank": i}
-            for i, (r, s) in enumerate(zip(rows, scores), start=1)]
+            for i, (r, s) in enumerate(zip(rows, scores), start=1) if r >= 0]
 
 
 @dataclass(frozen=True, eq=False)
 class Served:
-    """A verified (model, feature state, index) of one version plus what was precomputed at load.
-
-    ``queries`` is ``float32 (n_customers + 1, d)``: row i is customer i of the
-    bundle's customer table (``customer_index``), the last row the cold-start
-    query (out-of-vocabulary id, no demographics, no history). Never mutate:
-    a new version is a new ``Served``.
-    """
+    """A verified served state of one version as of one date, plus what ``/metadata`` shows of it."""
 
     version: str
-    recommender: Recommender
-    index: Index
-    manifest: IndexManifest
-    customer_index: Any  # pandas.Index of customer ids, row order of ``queries``
-    article_index: Any  # pandas.Index of article ids, row order of the index
-    queries: np.ndarray
-    history_length: int
+    as_of: dt.date
+    state: ServedState
     metadata: dict[str, Any] = field(repr=False)
 
-    # -- facts --------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.version, self.as_of.isoformat()
+
     @property
     def n_articles(self) -> int:
-        return len(self.index.article_ids)
-
-    @property
-    def cold_row(self) -> int:
-        return self.queries.shape[0] - 1
-
-    def customer_row(self, customer_id: str) -> int:
-        """Row of ``queries`` for a customer id; ``cold_row`` when the id is unknown."""
-        try:
-            row = self.customer_index.get_loc(customer_id)
-        except KeyError:
-            return self.cold_row
-        # get_loc returns an int on a unique index (checked at load)
-        return int(row)
+        return len(self.state.article_ids)
 
     # -- answers ---------------------------------------------------------------------
     def recommend(self, customer_ids: Sequence[str], top_k: int = DEFAULT_TOP_K,
                   exclude_purchased: bool = False) -> list[dict[str, Any]]:
-        """One answer per id: ``{customer_id, recommendations, count, model_version, fallback}``.
+        """One answer per id: ``{customer_id, recommendations, count, model_version, as_of, fallback}``.
 
         Ids must be validated already (``check_customer_id``). Unknown customers
-        get the cold-start query and ``fallback: True``. ``exclude_purchased``
-        drops the articles in the customer's history snapshot (the search asks
-        for ``history_length`` extra neighbours so ``top_k`` remain).
+        get the cold-start query, the trending sources and ``fallback: True``.
+        ``exclude_purchased`` drops the articles the customer bought within
+        the history window. Scores are the fusion's (higher is better).
         """
-        rows = [self.customer_row(c) for c in customer_ids]
-        q = self.queries[rows]
-        extra = self.history_length if exclude_purchased else 0
-        found, scores = self.index.search(q, min(top_k + extra, self.n_articles))
-        ids = self.index.article_ids
-        history = self.recommender.history
+        ans = self.state.recommend_rows(customer_ids, top_k, exclude_purchased)
+        ids = self.state.article_ids
+        as_of = self.as_of.isoformat()
         out = []
-        for cid, row, r, s in zip(customer_ids, rows, found.tolist(), scores.tolist()):
-            cold = row == self.cold_row
-            if exclude_purchased and not cold:
-                bought = set(history.items(row).tolist())
-                keep = [i for i, a in enumerate(r) if a not in bought][:top_k]
-                r, s = [r[i] for i in keep], [s[i] for i in keep]
-            else:
-                r, s = r[:top_k], s[:top_k]
+        for cid, r, s, cold in zip(customer_ids, ans.rows.tolist(), ans.scores.tolist(), ans.fallback.tolist()):
             recs = _ranked(ids, r, s)
             out.append({"customer_id": cid, "recommendations": recs, "count": len(recs),
-                        "model_version": self.version, "fallback": cold})
+                        "model_version": self.version, "as_of": as_of, "fallback": bool(cold)})
         return out
 
     def similar_items(self, article_id: str, top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
-        """Nearest articles to one article through the same index (itself excluded).
+        """Nearest recommendable articles to one article by embedding (itself excluded).
 
-        Raises ``RequestError`` (404) for a well-formed id not in this version's catalogue.
+        Raises ``RequestError`` (404) for a well-formed id not in this state's catalogue.
         """
         try:
-            row = int(self.article_index.get_loc(article_id))
+            row = int(self.state.article_index.get_loc(article_id))
         except KeyError:
             raise RequestError("article_id", f"{article_id} is not in the catalogue of model version "
-                                             f"{self.version}", status=404) from None
-        q = self.recommender.article_embeddings()[row:row + 1]
-        found, scores = self.index.search(q, min(top_k + 1, self.n_articles))
-        pairs = [(r, s) for r, s in zip(found[0].tolist(), scores[0].tolist()) if r != row][:top_k]
-        recs = _ranked(self.index.article_ids, [r for r, _ in pairs], [s for _, s in pairs])
-        return {"article_id": article_id, "similar": recs, "count": len(recs), "model_version": self.version}
+                                             f"{self.version} as of {self.as_of}", status=404) from None
+        rows, scores = self.state.similar_items(row, top_k)
+        recs = _ranked(self.state.article_ids, rows.tolist(), scores.tolist())
+        return {"article_id": article_id, "similar": recs, "count": len(recs), "model_version": self.version,
+                "as_of": self.as_of.isoformat()}
 
 
-def _chunks(n: int, size: int):
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))
+def load_served(files: VersionFiles, *, min_recall: float = 0.9, progress: bool = True) -> Served:
+    """Load and verify one version's served state. Raises ``LoadError`` if anything does not hold.
 
-
-def load_served(version: str, bundle_dir: Path | str, index_dir: Path | str, *, min_recall: float = 0.9,
-                exact: bool = False, progress: bool = True, chunk: int = 65536) -> Served:
-    """Load, precompute and verify one version. Raises ``LoadError`` if anything does not hold.
-
-    Checks, before the result may serve: the index manifest and checksums, its
-    model version (= ``version``) and dimension (= the model's); the index's
-    article ids equal the bundle's catalogue, in order; every precomputed
-    query is finite; and the index agrees with the model: recall@12 of index
-    search vs the model's exact scores on up to 256 known customers is at
-    least ``min_recall`` (an index built from another model's embeddings
-    scores near 0 here even if its manifest says the right version).
+    Checks, before the result may serve: the state's manifest, every file's
+    checksum, its model version (= ``files.version``), the index's manifest,
+    and that the index agrees with the state's article embeddings: recall@12
+    of ScaNN vs exact search on up to 256 of the state's customer queries is
+    at least ``min_recall`` (an index built from other embeddings scores near
+    0 here even if its manifest says the right version). The customer queries
+    are memory-mapped, not computed: a reload costs file reads and checks.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
     from hm_recsys import bundle
-    from hm_recsys.index import IndexFailure, load_index
+    from hm_recsys.index import ExactIndex
+    from hm_recsys.served import ServedState, StateError, describe
 
     t0 = time.perf_counter()
-    version = str(version)
-    bundle_dir, index_dir = Path(bundle_dir), Path(index_dir)
+    version = str(files.version)
+    if files.state_dir is None:
+        raise LoadError(f"version {version}: no served state to load")
     try:
-        rec = bundle.load(bundle_dir)
-    except (bundle.BundleError, OSError, ValueError, RuntimeError) as e:
-        raise LoadError(f"version {version}: cannot load the bundle {bundle_dir}: {e}") from e
-    try:
-        index, manifest = load_index(index_dir, expected_model_version=version, expected_dim=rec.dim, exact=exact)
-    except (IndexFailure, OSError, ValueError) as e:
-        raise LoadError(f"version {version}: {e}") from e
-    if list(index.article_ids) != rec.article_ids:
-        raise LoadError(f"version {version}: the index's article ids ({len(index.article_ids)}) are not the "
-                        f"bundle's catalogue ({len(rec.article_ids)}) in the same order")
-
-    cids = rec.known_customer_ids()
-    customer_index = pd.Index(np.asarray(cids, dtype=object))
-    if not customer_index.is_unique:
-        raise LoadError(f"version {version}: duplicate customer ids in the bundle's customer table")
-    d = rec.dim
-    queries = np.empty((len(cids) + 1, d), dtype=np.float32)
-    # in a service log (no terminal) one line every 10 s is enough
-    bar = tqdm(total=len(cids), desc=f"customer embeddings v{version}", unit="cust", unit_scale=True,
-               disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    for sl in _chunks(len(cids), chunk):
-        queries[sl] = rec.customer_embeddings(cids[sl])
-        bar.update(sl.stop - sl.start)
-    bar.close()
-    # "" is never a customer id: the bundle gives it the out-of-vocabulary, feature-less query
-    queries[-1] = rec.customer_embeddings([""])[0]
-    if not np.all(np.isfinite(queries)):
-        raise LoadError(f"version {version}: the customer tower produced NaN/inf embeddings")
-
-    # the index must answer like the model's own exact scores
-    if cids:
-        sample = np.unique(np.linspace(0, len(cids) - 1, num=min(256, len(cids))).astype(np.int64))
-        q = queries[sample]
-        k = min(12, len(rec.article_ids))
-        got, got_scores = index.search(q, k)
-        want, _ = rec.top_k(q, k)
+        state = ServedState.load(files.state_dir, expected_version=version, verify=True, mmap=True)
+    except (StateError, OSError, ValueError, KeyError) as e:
+        raise LoadError(f"version {version}: cannot load the served state {files.state_dir.name}: {e}") from e
+    n = state.n_customers
+    if n:
+        sample = np.unique(np.linspace(0, n - 1, num=min(256, n)).astype(np.int64))
+        q = np.asarray(state.queries[sample], dtype=np.float32)
+        k = min(12, state.index_rows.size)
+        got, got_scores = state.index.search(q, k)
+        exact = ExactIndex([str(i) for i in range(state.index_rows.size)], state.article_embeddings[state.index_rows])
+        want, _ = exact.search(q, k)
         if not np.all(np.isfinite(got_scores)):
             raise LoadError(f"version {version}: the index returned non-finite scores")
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), want.tolist())]))
         if recall < min_recall:
-            raise LoadError(f"version {version}: index recall@{k} vs the model's exact scores is {recall:.3f} "
-                            f"< {min_recall} on {len(sample)} customers: index and model do not belong together")
+            raise LoadError(f"version {version}: index recall@{k} vs exact search over the state's embeddings is "
+                            f"{recall:.3f} < {min_recall} on {len(sample)} customers: index and state do not "
+                            f"belong together")
     else:
         recall = float("nan")
-
-    article_index = pd.Index(np.asarray(rec.article_ids, dtype=object))
+    if not np.all(np.isfinite(state.queries[-1])):
+        raise LoadError(f"version {version}: the cold-start query is not finite")
+    facts = describe(state)
     metadata = {
-        "model_version": version,
+        **facts,
         "loaded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "load_seconds": round(time.perf_counter() - t0, 3),
-        "bundle_dir": str(bundle_dir),
-        "index_dir": str(index_dir),
-        "index": {**_manifest_dict(manifest), "kind": type(index).__name__, "verify_recall_at_12": recall},
-        "history_as_of": rec.as_of.isoformat(),
-        "n_customers": len(cids),
-        "n_articles": len(rec.article_ids),
-        "dim": d,
-        "data_window": _read_json(bundle_dir / bundle.DATA_WINDOW),
-        "metrics": _read_json(bundle_dir / bundle.METRICS),
+        "index": {**(facts.get("index") or {}), "kind": type(state.index).__name__, "verify_recall_at_12": recall},
+        "dim": state.dim,
+        "data_window": _public(_read_json(files.bundle_dir / bundle.DATA_WINDOW)),
+        "metrics": _read_json(files.bundle_dir / bundle.METRICS),
     }
-    return Served(version, rec, index, manifest, customer_index, article_index, queries,
-                  rec.state.config.history_length, metadata)
+    return Served(version, state.as_of, state, metadata)
 
 
-def _manifest_dict(manifest: IndexManifest) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    d = asdict(manifest)
-    d.pop("files", None)  # checksums of every file: long, and verified already
-    return d
+def _public(window: Any) -> Any:
+    """The data window without anything that names a path on the serving host."""
+    if isinstance(window, dict):
+        return {k: v for k, v in window.items() if k not in ("warehouse", "data_dir", "root")}
+    return window
 
 
 def _read_json(path: Path) -> Any:
@@ -400,17 +333,17 @@ class ModelHolder:
 
 
 class VersionSource(Protocol):
-    """Where versions come from: which one to serve now, and its files on local disk."""
+    """Where served states come from: which (version, as_of) to serve now, and its files on local disk."""
 
     def describe(self) -> str: ...
 
-    def resolve(self) -> str | None: ...
+    def resolve(self) -> tuple[str, str | None] | None: ...
 
-    def fetch(self, version: str) -> VersionFiles: ...
+    def fetch(self, version: str, as_of: str) -> VersionFiles: ...
 
 
 class RegistrySource:
-    """The MLflow registry: follow ``alias`` (or always ``pinned``); files via ``Registry.fetch``."""
+    """The MLflow registry: follow ``alias`` (or always ``pinned``) and the version's newest served state."""
 
     def __init__(self, settings: Settings, alias: str = "champion", pinned: str | None = None):
         self.settings = settings
@@ -419,7 +352,7 @@ class RegistrySource:
         self._registry = None
 
     def describe(self) -> str:
-        where = self.settings.mlflow_tracking_uri
+        where = _public_uri(self.settings.mlflow_tracking_uri)
         return f"version {self.pinned} of {where}" if self.pinned else f"alias {self.alias!r} of {where}"
 
     @property
@@ -430,18 +363,32 @@ class RegistrySource:
             self._registry = Registry(self.settings)
         return self._registry
 
-    def resolve(self) -> str | None:
+    def resolve(self) -> tuple[str, str | None] | None:
         if self.pinned:
-            return self.pinned
-        info = self.registry.get(self.alias)
-        return info.version if info else None
+            version = self.pinned
+        else:
+            info = self.registry.get(self.alias)
+            if info is None:
+                return None
+            version = info.version
+        return version, self.registry.served_as_of(version)
 
-    def fetch(self, version: str) -> VersionFiles:
-        return self.registry.fetch(version)
+    def fetch(self, version: str, as_of: str) -> VersionFiles:
+        return self.registry.fetch_state(version, as_of)
+
+
+def _public_uri(uri: str) -> str:
+    """What ``/metadata`` may say of the tracking URI: the server's address, never a local path or a password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        return f"the MLflow registry at {parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+    return f"the MLflow registry ({parts.scheme or 'local'} store)"
 
 
 class BentoModelSource:
-    """A BentoML model-store entry holding ``bundle/`` and ``index/`` (what a built Bento serves)."""
+    """A BentoML model-store entry holding ``bundle/`` and ``state/`` (what a built Bento serves)."""
 
     def __init__(self, tag: str):
         self.tag = tag
@@ -454,23 +401,25 @@ class BentoModelSource:
 
         return bentoml.models.get(self.tag)
 
-    def resolve(self) -> str | None:
-        return str(self._model().info.labels["model_version"])
+    def resolve(self) -> tuple[str, str | None] | None:
+        labels = self._model().info.labels
+        return str(labels["model_version"]), labels.get("as_of") or None
 
-    def fetch(self, version: str) -> VersionFiles:
+    def fetch(self, version: str, as_of: str) -> VersionFiles:
         from hm_recsys.registry import VersionFiles
 
         root = Path(self._model().path)
-        return VersionFiles(version, root / "bundle", root / "index")
+        return VersionFiles(version, root / "bundle", root / "state")
 
 
 @dataclass(frozen=True)
 class ReloadOutcome:
-    """What one check did: ``unchanged``, ``swapped``, ``failed`` or ``no-version``."""
+    """What one check did: ``unchanged``, ``swapped``, ``failed``, ``no-version`` or ``no-state``."""
 
     status: str
     version: str | None
-    previous: str | None = None
+    as_of: str | None = None
+    previous: str | None = None  # "version@as_of" served before
     error: str | None = None
     seconds: float = 0.0
 
@@ -478,12 +427,17 @@ class ReloadOutcome:
         return {k: v for k, v in self.__dict__.items()}
 
 
+def _label(key: tuple[str, str] | None) -> str | None:
+    return f"{key[0]}@{key[1]}" if key else None
+
+
 class Reloader:
-    """Keeps ``holder`` on the version ``source`` names, loading new ones fully before the swap.
+    """Keeps ``holder`` on the (version, as_of) ``source`` names, loading new states fully before the swap.
 
     ``check()`` is serialised by a lock (one load at a time). ``start()`` runs
     checks in a daemon thread every ``poll_seconds`` (the first at once) and
-    whenever ``request()`` is called (the admin endpoint).
+    whenever ``request()`` is called (the admin endpoint). For the version
+    being served, a state older than the one in use is never loaded.
     """
 
     def __init__(self, holder: ModelHolder, source: VersionSource,
@@ -505,34 +459,43 @@ class Reloader:
         with self._lock:
             t0 = time.perf_counter()
             current = self.holder.current()
-            previous = current.version if current else None
+            previous = current.key if current else None
             try:
                 target = self.source.resolve()
             except Exception as e:  # registry unreachable: keep serving what we have
-                outcome = ReloadOutcome("failed", None, previous, f"cannot resolve {self.source.describe()}: {e}")
+                outcome = ReloadOutcome("failed", None, None, _label(previous),
+                                        f"cannot resolve {self.source.describe()}: {e}")
                 return self._done(outcome)
             self.last_checked = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             if target is None:
-                return self._done(ReloadOutcome("no-version", None, previous,
+                return self._done(ReloadOutcome("no-version", None, None, _label(previous),
                                                 f"nothing to serve yet: {self.source.describe()} is not set"))
-            if previous == target and not force:
-                return self._done(ReloadOutcome("unchanged", target, previous))
-            if target in self.failed and not force:
-                return self._done(ReloadOutcome("failed", target, previous, self.failed[target]))
+            version, as_of = target
+            if as_of is None:
+                return self._done(ReloadOutcome(
+                    "no-state", version, None, _label(previous),
+                    f"version {version} has no published served state yet (deploy or hm-recsys refresh makes one)"))
+            key = (version, as_of)
+            if previous is not None and not force and (
+                    previous == key or (previous[0] == version and previous[1] > as_of)):
+                return self._done(ReloadOutcome("unchanged", *previous, _label(previous)))
+            label = _label(key)
+            if label in self.failed and not force:
+                return self._done(ReloadOutcome("failed", version, as_of, _label(previous), self.failed[label]))
             try:
-                served = self.loader(self.source.fetch(target))
-                if served.version != target:
-                    raise LoadError(f"asked for version {target}, loaded {served.version}")
+                served = self.loader(self.source.fetch(version, as_of))
+                if served.key != key:
+                    raise LoadError(f"asked for {label}, loaded {_label(served.key)}")
             except Exception as e:
-                self.failed[target] = f"{type(e).__name__}: {e}"
-                log.error("version %s failed to load; still serving %s: %s", target, previous, e)
-                return self._done(ReloadOutcome("failed", target, previous, self.failed[target],
+                self.failed[label] = f"{type(e).__name__}: {e}"
+                log.error("served state %s failed to load; still serving %s: %s", label, _label(previous), e)
+                return self._done(ReloadOutcome("failed", version, as_of, _label(previous), self.failed[label],
                                                 time.perf_counter() - t0))
-            self.failed.pop(target, None)
+            self.failed.pop(label, None)
             self.holder.swap(served)
-            log.info("now serving version %s (was %s), loaded in %.1f s", target, previous,
-                     time.perf_counter() - t0)
-            return self._done(ReloadOutcome("swapped", target, previous, None, time.perf_counter() - t0))
+            log.info("now serving %s (was %s), loaded in %.1f s", label, _label(previous), time.perf_counter() - t0)
+            return self._done(ReloadOutcome("swapped", version, as_of, _label(previous), None,
+                                            time.perf_counter() - t0))
 
     def _done(self, outcome: ReloadOutcome) -> ReloadOutcome:
         self.last = outcome
@@ -572,7 +535,7 @@ class Reloader:
     def status(self) -> dict[str, Any]:
         return {"source": self.source.describe(), "poll_seconds": self.poll_seconds,
                 "last_checked": self.last_checked, "last": self.last.to_dict() if self.last else None,
-                "failed_versions": dict(self.failed)}
+                "failed": dict(self.failed)}
 
 
 class Runtime:
@@ -586,11 +549,10 @@ class Runtime:
         if source is None:
             source = (BentoModelSource(serve.bento_model) if serve.bento_model
                       else RegistrySource(settings, serve.alias, serve.version))
-        poll = 0.0 if (serve.version or serve.bento_model) else serve.poll_seconds
+        # a pinned version still polls: its newest served state moves forward with each refresh
+        poll = 0.0 if serve.bento_model else serve.poll_seconds
         self.reloader = Reloader(
-            self.holder, source,
-            lambda files: load_served(files.version, files.bundle_dir, files.index_dir,
-                                      min_recall=serve.min_recall, progress=progress),
+            self.holder, source, lambda files: load_served(files, min_recall=serve.min_recall, progress=progress),
             poll_seconds=poll)
         self.started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -609,7 +571,7 @@ class Runtime:
         base = {"ready": served is not None, "pid": os.getpid(), "started_at": self.started_at,
                 "reloader": self.reloader.status()}
         if served is None:
-            return {"model_version": None, **base}
+            return {"model_version": None, "as_of": None, **base}
         return {**served.metadata, **base}
 
 
@@ -669,8 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     """``hm-recsys serve``: run the BentoML recommendation service in the foreground."""
     p = argparse.ArgumentParser(
         prog="hm-recsys serve",
-        description="Serve recommendations (BentoML) for the registry's champion, hot-swapping model and "
-                    "index together when the champion changes. Endpoints: POST /recommend, "
+        description="Serve recommendations (BentoML) for the registry's champion, hot-swapping its served state "
+                    "(model version + as_of) when the champion or its refreshed state changes. Endpoints: "
+                    "POST /recommend, "
                     "/recommend/batch, /similar-items, /admin/reload; GET /livez, /readyz, /metadata.",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; use 0.0.0.0 only "

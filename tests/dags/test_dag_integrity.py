@@ -15,7 +15,7 @@ DAG_FILES = sorted(p.name for p in DAGS.glob("*.py"))
 
 
 def test_dag_files_exist():
-    assert DAG_FILES == ["hm_ingest.py", "hm_retrain.py"]
+    assert DAG_FILES == ["hm_ingest.py", "hm_refresh.py", "hm_retrain.py"]
 
 
 @pytest.mark.parametrize("name", DAG_FILES)
@@ -45,7 +45,7 @@ def test_dagbag_has_no_import_errors(airflow_home):
 
     bag = DagBag(dag_folder=str(DAGS))
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"hm_ingest", "hm_retrain"}
+    assert set(bag.dag_ids) == {"hm_ingest", "hm_refresh", "hm_retrain"}
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,15 @@ def test_ingest_graph(dags):
     }
     outlets = dag.task_dict["publish"].outlets
     assert [a.name for a in outlets] == ["hm_recsys_transactions"]
+
+
+def test_refresh_graph_runs_on_every_accepted_drop(dags):
+    """hm_refresh is scheduled on the Asset hm_ingest emits: every accepted drop triggers it."""
+    dag = dags["hm_refresh"]
+    assert _edges(dag) == {("live_quality", "refresh_state"), ("refresh_state", "switch_service")}
+    ingest_outlets = {a.name for a in dags["hm_ingest"].task_dict["publish"].outlets}
+    assets = {a.name for a in dag.timetable.asset_condition.objects}
+    assert assets == ingest_outlets == {"hm_recsys_transactions"}
+    assert dag.max_active_runs == 1 and not dag.catchup  # one writer of the served state at a time
+    assert set(dag.params.keys()) == {"as_of", "fail_on_low_quality"}
+    assert dag.doc_md and all(t.doc_md for t in dag.tasks)

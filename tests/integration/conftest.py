@@ -1,14 +1,18 @@
 """Registered model versions for serving tests: tiny trained models in a real MLflow registry.
 
 ``served_models`` (session) trains two tiny two-tower models on the tiny
-warehouse (one data preparation, two seeds, one epoch each: seconds), and
-publishes each the way the pipeline does: the bundle as the run's
-``bundle/`` artifact, ``Registry.register``, a ScaNN index bound to the new
-version as the run's ``index/`` artifact. Version 1 is promoted to champion;
-version 2 is registered only (the swap test promotes it).
+warehouse (one data preparation, two seeds, one epoch each, each with its
+fusion fitted on the validation week: seconds), and publishes each the way
+the pipeline does: the bundle as the run's ``bundle/`` artifact,
+``Registry.register``, and a served state (``hm_recsys.served``) published
+as the run's ``served/<as_of>/``. Version 1 gets a state as of one week
+before the newest (so a refresh has something newer to publish) and is
+promoted to champion; version 2 gets one as of the newest week and is
+registered only (the swap test promotes it).
 
 Everything lives in one session runtime folder (sqlite MLflow, artifacts,
-BentoML home); nothing touches $HOME or the repository's var/.
+BentoML home, a copy of the tiny warehouse); nothing touches $HOME or the
+repository's var/.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from hm_recsys.procs import free_port, kill_tree
 class ServedModels:
     home: Path
     versions: tuple[str, str]  # (champion at start, challenger to promote)
-    known_customers: tuple[str, ...]  # customers of the bundles' customer table
+    known_customers: tuple[str, ...]  # customers of the customer table
     article_ids: tuple[str, ...]
+    as_of: tuple[str, str]  # (v1's first state, the newest week)
 
     def env(self, **extra: str) -> dict[str, str]:
-        """Environment for a service process pointed at this runtime folder."""
+        """Environment for a service (or CLI) process pointed at this runtime folder."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HM_RECSYS_", "MLFLOW_", "BENTOML_"))}
         env.update({
             "HM_RECSYS_HOME": str(self.home),
@@ -44,12 +49,27 @@ class ServedModels:
             "DO_NOT_TRACK": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
+            "GLOG_minloglevel": "2",
         })
         env.update(extra)
         return env
 
+    @property
+    def settings(self):
+        from hm_recsys.config import Settings
+
+        return Settings.from_env({"HM_RECSYS_HOME": str(self.home)})
+
+    def state(self, version: str, as_of: str):
+        """The published served state (version, as_of), as the evaluation loads it."""
+        from hm_recsys.registry import Registry
+        from hm_recsys.served import ServedState
+
+        return ServedState.load(Registry(self.settings).fetch_state(version, as_of).state_dir)
+
 
 def tiny_config(seed: int):
+    from hm_recsys.candidates import RetrievalConfig
     from hm_recsys.features import FeatureConfig
     from hm_recsys.model import ModelConfig
     from hm_recsys.train import Config, TrainConfig
@@ -59,17 +79,17 @@ def tiny_config(seed: int):
         ModelConfig(embedding_dim=8, customer_layers=(32,), article_layers=(32,), output_dim=16),
         TrainConfig(train_weeks=4, epochs=1, batch_size=256, uniform_negatives=64, valid_max_customers=200,
                     threads=1, seed=seed),
+        RetrievalConfig(item_to_item_weeks=4),
     )
 
 
-def publish(settings, bundle_dir: Path, run_name: str) -> str:
-    """Log ``bundle_dir`` as a run's ``bundle/``, register it, build + log its index; return the version."""
+def publish(settings, bundle_dir: Path, run_name: str, warehouse, as_of) -> str:
+    """Log ``bundle_dir`` as a run's ``bundle/``, register it, build + publish its served state; the version."""
     import mlflow
-    from mlflow import MlflowClient
 
     from hm_recsys import bundle
-    from hm_recsys.index import build_index
-    from hm_recsys.registry import BUNDLE_ARTIFACT, INDEX_ARTIFACT, Registry
+    from hm_recsys.registry import BUNDLE_ARTIFACT, Registry
+    from hm_recsys.served import build_state
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment_name)
@@ -78,12 +98,12 @@ def publish(settings, bundle_dir: Path, run_name: str) -> str:
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
         mlflow.log_artifacts(str(bundle_dir), BUNDLE_ARTIFACT)
         mlflow.log_text("serving tests log no pyfunc model", "model/MLmodel")
-    version = Registry(settings).register(run.info.run_id).version
-    rec = bundle.load(bundle_dir)
-    index_dir = settings.layout.run_dir(run.info.run_id) / "index"
-    build_index(rec.article_ids, rec.article_embeddings(), index_dir, version,
-                eval_queries=rec.customer_embeddings(rec.known_customer_ids()[:300]))
-    MlflowClient(settings.mlflow_tracking_uri).log_artifacts(run.info.run_id, str(index_dir), INDEX_ARTIFACT)
+    reg = Registry(settings)
+    version = reg.register(run.info.run_id).version
+    config, fusion = bundle.retrieval(bundle_dir)
+    out = settings.layout.state_dir(version, as_of.isoformat())
+    build_state(bundle.load(bundle_dir), warehouse, as_of, version, out, config, fusion, progress=False)
+    reg.publish_state(version, out)
     return version
 
 
@@ -97,24 +117,28 @@ def served_models(tiny_warehouse_ro, tmp_path_factory) -> ServedModels:
 
     home = tmp_path_factory.mktemp("serving") / "var"
     settings = Settings.from_env({"HM_RECSYS_HOME": str(home)})
-    wh = Warehouse(tiny_warehouse_ro)
+    shutil.copytree(tiny_warehouse_ro, settings.layout.warehouse_dir)
+    wh = Warehouse(settings.layout.warehouse_dir)
     cfg = tiny_config(seed=1)
     split = Split.from_warehouse(wh, train_weeks=cfg.train.train_weeks)
     prep = train.prepare(wh, split, cfg, home / "scratch", progress=False)
+    newest = split.holdout_end  # the day after the newest ingested week
     versions = []
-    for seed in (1, 2):
+    for seed, as_of in ((1, split.holdout_start), (2, newest)):
         cfg = tiny_config(seed)
         model, _, _ = train.fit(prep, cfg, progress=False)
+        fusion = train.fit_fusion(model, prep, cfg, wh, home / "scratch", f"seed{seed}", progress=False)
         rec = train.recommender(model, prep, prep.end_history, prep.end_raw)
         full = {"features": cfg.features.to_dict(), "model": model.config.to_dict(),
-                "train": dataclasses.asdict(cfg.train)}
+                "train": dataclasses.asdict(cfg.train), "retrieval": cfg.retrieval.to_dict()}
         out = bundle.save(home / "bundles" / f"seed{seed}", rec, full, prep.data_window,
-                          {"holdout": {"two-tower": {"recall@12": 0.0}}, "seed": seed})
-        versions.append(publish(settings, out, f"serving-test-seed{seed}"))
+                          {"holdout": {"served": {"recall@12": 0.0}}, "seed": seed}, fusion=fusion)
+        versions.append(publish(settings, out, f"serving-test-seed{seed}", wh, as_of))
     shutil.rmtree(home / "scratch", ignore_errors=True)
     Registry(settings).promote(versions[0])
     return ServedModels(home, (versions[0], versions[1]), tuple(str(c) for c in prep.tables.customer_index[:50]),
-                        tuple(str(a) for a in prep.tables.article_index))
+                        tuple(str(a) for a in prep.tables.article_index),
+                        (split.holdout_start.isoformat(), newest.isoformat()))
 
 
 # ---------------------------------------------------------------------------

@@ -39,17 +39,31 @@ def test_run_is_logged_with_params_metrics_and_artifacts(trained):
     assert p["split.holdout_start"] == result.split.holdout_start.isoformat()
     assert len(p["data.data_sha256"]) == 64 and run.data.tags["data_sha256"] == p["data.data_sha256"]
     m = run.data.metrics
-    for key in ("recall_at_12", "recall_at_100", "map_at_12", "popularity.recall_at_12",
-                "repurchase_popularity.recall_at_12", "oracle.recall_at_12", "fraction_of_oracle.recall_at_12",
-                "valid_recall_at_12", "train_loss", "examples_per_second"):
+    for key in ("recall_at_12", "recall_at_100", "map_at_12", "two-tower.recall_at_12", "popularity.recall_at_12",
+                "repurchase_popularity.recall_at_12", "trending_decayed-repurchase.recall_at_12",
+                "oracle.recall_at_12", "fraction_of_oracle.recall_at_12", "lift_vs_best_baseline.recall_at_12",
+                "valid_recall_at_12", "train_loss", "examples_per_second", "seconds.fusion"):
         assert key in m, key
-    assert m["recall_at_12"] == pytest.approx(result.metrics["two-tower"]["recall@12"])
+    # the bare metrics are the served model's: every candidate source, fused
+    assert m["recall_at_12"] == pytest.approx(result.metrics["served"]["recall@12"])
+    assert m["two-tower.recall_at_12"] == pytest.approx(result.metrics["two-tower"]["recall@12"])
+    assert run.data.tags["best_baseline"] in ("popularity", "repurchase+popularity", "trending+decayed-repurchase")
+    # the fusion travels with the run: weights as params, the fitted file as an artifact
+    assert {f"fusion.weight.{f}" for f in ("two_tower", "repurchase", "trending")} <= set(p)
+    assert p["config.retrieval.sold_within_weeks"] == "4"
     assert len(client.get_metric_history(result.run_id, "valid_recall_at_12")) == 2  # one per epoch
     arts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"plots", "metrics_table.txt", "data_window.json"} <= arts
+    assert {"plots", "metrics_table.txt", "data_window.json", "fusion.json"} <= arts
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert plots == {"plots/loss.png", "plots/recall_at_k.png", "plots/valid_recall.png"}
-    assert "two-tower" in result.table and "oracle" in result.table
+    assert "served" in result.table and "two-tower" in result.table and "oracle" in result.table
+    assert "trending+decayed-repurchase" in result.table
+
+
+def T_config():
+    from tests.unit.test_train import tiny_config
+
+    return tiny_config(epochs=2)
 
 
 def test_bundle_is_self_describing(trained):
@@ -63,7 +77,10 @@ def test_bundle_is_self_describing(trained):
     window = json.loads((result.bundle_dir / "data_window.json").read_text())
     assert window["split"] == result.split.to_dict()
     metrics = json.loads((result.bundle_dir / "metrics.json").read_text())
-    assert metrics["holdout"]["two-tower"]["recall@12"] == pytest.approx(result.metrics["two-tower"]["recall@12"])
+    assert metrics["holdout"]["served"]["recall@12"] == pytest.approx(result.metrics["served"]["recall@12"])
+    config, fusion = bundle.retrieval(result.bundle_dir)  # what a served state of this bundle uses
+    assert config == T_config().retrieval and fusion.fitted["weeks"] == [w.isoformat() for w in result.split.valid_week_starts()]
+    assert metrics["fusion"] == fusion.to_dict()
     assert not list(result.bundle_dir.rglob("*.pkl")) and not list(result.bundle_dir.rglob("*.pickle"))
     assert not settings.layout.train_scratch_dir(result.run_id).exists()  # shards are cleaned up
 

@@ -1,12 +1,14 @@
 """The serving core (hm_recsys.serving) and the BentoML service class, in process.
 
-* Hand-built 4-article, 2-customer versions with exact answers: ranking, ties,
-  cold start, exclusion of purchases, item-to-item.
-* The reloader: load-before-swap, a broken version never serves and is not
-  retried until forced, an unreachable registry keeps the old version.
-* Swaps under concurrent requests: every answer comes from one version.
-* ``load_served`` on a real (random-weight) bundle and ScaNN index: same
-  answers as the bundle's exact ``Recommender``; mismatched indexes refused.
+* Hand-built 4-article, 2-customer served states with exact answers: ranking,
+  ties, cold start, exclusion of purchases, item-to-item.
+* The reloader: load-before-swap, a broken state never serves and is not
+  retried until forced, an unreachable registry keeps the old state, a newer
+  as_of replaces an older one and never the reverse.
+* Swaps under concurrent requests: every answer comes from one state.
+* ``load_served`` on a real (random-weight) model's served state: answers
+  equal ``ServedState``'s, one customer at a time or in a batch; states of
+  another version, tampered states and mismatched indexes refused.
 * The service class' handlers and the request guard (415/413), without a server.
 """
 
@@ -49,25 +51,32 @@ ARTICLES = ["0000000001", "0000000002", "0000000003", "0000000004"]
 EMB = np.array([[1, 0], [0.8, 0.6], [0, 1], [-1, 0]], dtype=np.float32)
 
 
-class FakeRecommender:
-    """The two things ``Served`` reads from a Recommender: histories and article embeddings."""
-
-    def __init__(self, history: History, emb: np.ndarray):
-        self.history = history
-        self._emb = emb
-
-    def article_embeddings(self) -> np.ndarray:
-        return self._emb
+AS_OF = dt.date(2020, 9, 16)
 
 
-def make_served(version: str = "1", ids: list[str] = ARTICLES) -> Served:
-    # customer row 0 (C0) bought article row 0; C1 bought nothing
-    history = History(dt.date(2020, 9, 16), np.array([0], np.int32), np.array([0, 1], np.int64),
-                      np.array([0], np.int32), np.array([3], np.int32))
+def make_state(version: str = "1", ids: list[str] = ARTICLES, as_of: dt.date = AS_OF):
+    """The towers' ranking alone (one source, fusion = the cosine) over a hand-made 4-article catalogue."""
+    from hm_recsys.candidates import CandidateTables, RetrievalConfig
+    from hm_recsys.fusion import Fusion
+    from hm_recsys.served import ServedState
+
+    # customer row 0 (C0) bought article row 0 three days ago; C1 bought nothing
+    history = History(as_of, np.array([0], np.int32), np.array([0, 1], np.int64), np.array([0], np.int32),
+                      np.array([3], np.int32))
     queries = np.array([[1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)  # C0, C1, cold start
-    return Served(version, FakeRecommender(history, EMB), ExactIndex(ids, EMB), None,
-                  pd.Index([C0, C1], dtype=object), pd.Index(ids, dtype=object), queries, 8,
-                  {"model_version": version})
+    n = len(ids)
+    tables = CandidateTables(as_of, np.ones(n, bool), np.zeros(n, np.float32), np.zeros(n, np.float32),
+                             np.zeros(0, np.int64), np.zeros((1, n), np.float32), np.full((1, 4), -1, np.int64),
+                             np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                             np.arange(n), np.arange(n + 1), np.arange(n, dtype=np.int32))
+    return ServedState(version, as_of, pd.Index([C0, C1], dtype=object), queries, np.zeros(3, np.int64), list(ids),
+                       EMB, history, tables, Fusion.single("two_tower"), RetrievalConfig(sources=("two_tower",)),
+                       ExactIndex(ids, EMB), np.arange(n))
+
+
+def make_served(version: str = "1", ids: list[str] = ARTICLES, as_of: dt.date = AS_OF) -> Served:
+    return Served(version, as_of, make_state(version, ids, as_of), {"model_version": version,
+                                                                     "as_of": as_of.isoformat()})
 
 
 def recs(answer: dict) -> list[tuple[str, float, int]]:
@@ -126,8 +135,8 @@ def test_recommend_known_customers_exact():
     # C1: articles 1 and 4 tie at 0.0; the lower catalogue row wins
     assert recs(a1) == [("0000000003", 1.0, 1), ("0000000002", 0.6, 2), ("0000000001", 0.0, 3),
                         ("0000000004", 0.0, 4)]
-    assert {k: a0[k] for k in ("customer_id", "count", "model_version", "fallback")} == \
-        {"customer_id": C0, "count": 4, "model_version": "1", "fallback": False}
+    assert {k: a0[k] for k in ("customer_id", "count", "model_version", "as_of", "fallback")} == \
+        {"customer_id": C0, "count": 4, "model_version": "1", "as_of": "2020-09-16", "fallback": False}
 
 
 def test_unknown_customer_gets_cold_start_with_fallback():
@@ -152,10 +161,10 @@ def test_top_k_larger_than_catalogue_returns_everything():
 def test_similar_items_excludes_the_article_itself():
     s = make_served()
     out = s.similar_items("0000000001", top_k=2)
-    assert out == {"article_id": "0000000001", "count": 2, "model_version": "1",
+    assert out == {"article_id": "0000000001", "count": 2, "model_version": "1", "as_of": "2020-09-16",
                    "similar": [{"article_id": "0000000002", "score": 0.8, "rank": 1},
                                {"article_id": "0000000003", "score": 0.0, "rank": 2}]}
-    with pytest.raises(RequestError, match="0000000009 is not in the catalogue of model version 1") as e:
+    with pytest.raises(RequestError, match="0000000009 is not in the catalogue of model version 1 as of") as e:
         s.similar_items("0000000009")
     assert e.value.status == 404
 
@@ -171,53 +180,74 @@ def test_holder_require_before_load():
 class FakeSource:
     def __init__(self):
         self.alias: str | None = None
+        self.as_of: str | None = "2020-09-16"
         self.broken_registry = False
 
     def describe(self) -> str:
         return "fake alias"
 
-    def resolve(self) -> str | None:
+    def resolve(self):
         if self.broken_registry:
             raise ConnectionError("registry down")
-        return self.alias
+        return None if self.alias is None else (self.alias, self.as_of)
 
-    def fetch(self, version: str):
-        return SimpleNamespace(version=version, bundle_dir=Path("b"), index_dir=Path("i"))
+    def fetch(self, version: str, as_of: str):
+        return SimpleNamespace(version=version, as_of=as_of, bundle_dir=Path("b"), state_dir=Path(as_of))
 
 
 def make_reloader():
     loads: list[str] = []
 
     def loader(files):
-        loads.append(files.version)
+        loads.append(f"{files.version}@{files.as_of}")
         if files.version == "bad":
-            raise LoadError("index checksum mismatch")
-        return make_served(files.version)
+            raise LoadError("state checksum mismatch")
+        return make_served(files.version, as_of=dt.date.fromisoformat(files.as_of))
 
     source = FakeSource()
     holder = ModelHolder()
     return Reloader(holder, source, loader, poll_seconds=0), source, holder, loads
 
 
-def test_reloader_swaps_only_verified_versions():
+def test_reloader_swaps_only_verified_states():
     r, source, holder, loads = make_reloader()
     assert r.check().status == "no-version" and holder.current() is None
     source.alias = "1"
     assert r.check().to_dict()["status"] == "swapped" and holder.current().version == "1"
-    assert r.check().status == "unchanged" and loads == ["1"]
+    assert r.check().status == "unchanged" and loads == ["1@2020-09-16"]
     source.alias = "bad"
     out = r.check()
-    assert (out.status, out.version, out.previous) == ("failed", "bad", "1")
-    assert "index checksum mismatch" in out.error and holder.current().version == "1"
-    assert r.check().status == "failed" and loads == ["1", "bad"]  # remembered, not reloaded
-    assert r.check(force=True).status == "failed" and loads == ["1", "bad", "bad"]  # forced: tried again
+    assert (out.status, out.version, out.previous) == ("failed", "bad", "1@2020-09-16")
+    assert "state checksum mismatch" in out.error and holder.current().version == "1"
+    assert r.check().status == "failed" and len(loads) == 2  # remembered, not reloaded
+    assert r.check(force=True).status == "failed" and len(loads) == 3  # forced: tried again
     source.alias = "2"
     out = r.check()
-    assert (out.status, out.version, out.previous) == ("swapped", "2", "1") and holder.current().version == "2"
+    assert (out.status, out.version, out.previous) == ("swapped", "2", "1@2020-09-16")
+    assert holder.current().version == "2"
     source.broken_registry = True
     out = r.check()
     assert out.status == "failed" and "registry down" in out.error and holder.current().version == "2"
-    assert r.status()["failed_versions"] == {"bad": "LoadError: index checksum mismatch"}
+    assert r.status()["failed"] == {"bad@2020-09-16": "LoadError: state checksum mismatch"}
+
+
+def test_reloader_follows_newer_states_and_never_goes_back():
+    r, source, holder, loads = make_reloader()
+    source.alias = "1"
+    r.check()
+    source.as_of = "2020-09-23"  # a refresh published a newer state of the same version
+    out = r.check()
+    assert (out.status, out.as_of, out.previous) == ("swapped", "2020-09-23", "1@2020-09-16")
+    assert holder.current().as_of == dt.date(2020, 9, 23)
+    source.as_of = "2020-09-16"  # an older one: never replaces the newer
+    assert r.check().status == "unchanged" and holder.current().as_of == dt.date(2020, 9, 23)
+    assert loads == ["1@2020-09-16", "1@2020-09-23"]
+    source.alias, source.as_of = "2", None  # a new champion without a published state yet: keep serving
+    out = r.check()
+    assert out.status == "no-state" and "no published served state" in out.error
+    assert holder.current().key == ("1", "2020-09-23")
+    source.as_of = "2020-09-16"  # a new version may be older than the state it replaces
+    assert r.check().status == "swapped" and holder.current().key == ("2", "2020-09-16")
 
 
 def test_reloader_thread_loads_in_background_and_on_request():
@@ -273,18 +303,20 @@ def test_answers_never_mix_versions_during_swaps():
 
 
 # ---------------------------------------------------------------------------
-# a real bundle and index
+# a real model's served state
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_version(tiny_warehouse_ro, tmp_path_factory):
-    """A random-weight (untrained, seeded) model of the tiny data, its bundle and a ScaNN index for version 7."""
+    """A random-weight (untrained, seeded) model of the tiny data, its bundle and served state for version 7."""
     import torch
 
     from hm_recsys import bundle, train
+    from hm_recsys.candidates import RetrievalConfig
     from hm_recsys.data.warehouse import Warehouse
     from hm_recsys.features import FeatureConfig
-    from hm_recsys.index import build_index
+    from hm_recsys.fusion import Fusion
     from hm_recsys.model import ModelConfig
+    from hm_recsys.served import build_state
     from hm_recsys.split import Split
 
     root = tmp_path_factory.mktemp("served")
@@ -298,56 +330,93 @@ def real_version(tiny_warehouse_ro, tmp_path_factory):
     model = train.build_model(cfg, prep.state).eval()
     rec = train.recommender(model, prep, prep.end_history, prep.end_raw)
     full = {"features": cfg.features.to_dict(), "model": model.config.to_dict(),
-            "train": dataclasses.asdict(cfg.train)}
-    bundle_dir = bundle.save(root / "bundle", rec, full, prep.data_window, {"holdout": {"x": 1}})
+            "train": dataclasses.asdict(cfg.train), "retrieval": cfg.retrieval.to_dict()}
+    # every source, weighed by hand: the answers must not depend on how the features are combined
+    fusion = Fusion(("two_tower", "repurchase", "item_to_item", "trending", "age_trending"),
+                    (1.0, 0.5, 0.8, 0.3, 0.2), (0.0,) * 5, (1.0,) * 5)
+    bundle_dir = bundle.save(root / "bundle", rec, full, prep.data_window, {"holdout": {"x": 1}}, fusion=fusion)
     rec = bundle.load(bundle_dir)
-    build_index(rec.article_ids, rec.article_embeddings(), root / "index", "7",
-                eval_queries=rec.customer_embeddings(rec.known_customer_ids()[:100]))
-    return SimpleNamespace(root=root, bundle_dir=bundle_dir, index_dir=root / "index", rec=rec)
+    config, fusion = bundle.retrieval(bundle_dir)
+    state = build_state(rec, wh, split.holdout_start, "7", root / "state", config, fusion, progress=False)
+    return SimpleNamespace(root=root, bundle_dir=bundle_dir, state_dir=root / "state", rec=rec, state=state,
+                           wh=wh, split=split)
 
 
-def test_load_served_answers_like_the_exact_recommender(real_version):
+def _files(version: str, rv, state_dir=None):
+    from hm_recsys.registry import VersionFiles
+
+    return VersionFiles(version, rv.bundle_dir, state_dir or rv.state_dir)
+
+
+def test_load_served_answers_exactly_as_the_state_scored_one_by_one_or_in_batches(real_version):
     rv = real_version
-    s = load_served("7", rv.bundle_dir, rv.index_dir, progress=False)
-    assert s.queries.shape == (len(rv.rec.known_customer_ids()) + 1, 8)
-    known = rv.rec.known_customer_ids()[::97][:20]
+    s = load_served(_files("7", rv), progress=False)
+    assert s.state.queries.shape == (len(rv.rec.known_customer_ids()) + 1, 8)
+    known = rv.rec.known_customer_ids()[::37][:40]
     ids = [*known, UNKNOWN]
-    want = rv.rec.recommend(ids, k=12)
-    got = s.recommend(ids, top_k=12)
-    for w, g in zip(want, got):
-        assert [r["article_id"] for r in g["recommendations"]] == [a for a, _ in w]
-        assert [r["score"] for r in g["recommendations"]] == pytest.approx([sc for _, sc in w], abs=1e-5)
+    # what the evaluation scores: ServedState.predictions over a batch of thousands
+    want = rv.state.predictions(rv.rec.known_customer_ids() + [UNKNOWN], k=12)
+    got = [s.recommend([c], top_k=12)[0] for c in ids]  # what /recommend answers, one at a time
+    for g in got:
+        assert [r["article_id"] for r in g["recommendations"]] == want[g["customer_id"]]
+    batch = s.recommend(ids, top_k=12)
+    assert [[(r["article_id"], r["score"]) for r in g["recommendations"]] for g in got] == \
+        [[(r["article_id"], r["score"]) for r in g["recommendations"]] for g in batch]
     assert [g["fallback"] for g in got] == [False] * len(known) + [True]
-    # exclusion: no purchased article comes back, and still 12
+    assert all(g["count"] == 12 and g["as_of"] == rv.split.holdout_start.isoformat() for g in got)
+    # exclusion: no recently bought article comes back, and still 12
     for g in s.recommend(known, top_k=12, exclude_purchased=True):
-        bought = set(rv.rec.purchased(g["customer_id"]))
+        bought = set(rv.state.purchased(g["customer_id"]))
         assert g["count"] == 12 and not bought & {r["article_id"] for r in g["recommendations"]}
     md = s.metadata
-    assert (md["model_version"], md["index"]["model_version"], md["n_customers"], md["dim"]) == \
-        ("7", "7", len(rv.rec.known_customer_ids()), 8)
-    assert md["metrics"] == {"holdout": {"x": 1}} and md["data_window"]["history_as_of"] == md["history_as_of"]
+    assert (md["model_version"], md["as_of"], md["n_customers"], md["dim"]) == \
+        ("7", rv.split.holdout_start.isoformat(), len(rv.rec.known_customer_ids()), 8)
+    assert md["metrics"] == {"holdout": {"x": 1}} and "two_tower +1.000" in md["fusion"]
     assert md["index"]["verify_recall_at_12"] == 1.0 and "files" not in md["index"]
+    assert str(rv.root) not in json.dumps(md)  # no filesystem paths in what /metadata shows
 
 
-def test_load_served_refuses_an_index_of_another_version(real_version):
-    with pytest.raises(LoadError, match="index was built for model version 7, not 8"):
-        load_served("8", real_version.bundle_dir, real_version.index_dir, progress=False)
+def test_load_served_refuses_a_state_of_another_version(real_version):
+    with pytest.raises(LoadError, match="state of model version 7, not 8"):
+        load_served(_files("8", real_version), progress=False)
 
 
-def test_load_served_refuses_an_index_of_another_model(real_version, tmp_path):
+def test_load_served_refuses_a_tampered_state(real_version, tmp_path):
+    import shutil
+
+    bad = tmp_path / "state"
+    shutil.copytree(real_version.state_dir, bad)
+    q = np.load(bad / "queries.npy")
+    q[0] += 1.0
+    np.save(bad / "queries.npy", q)
+    with pytest.raises(LoadError, match="queries.npy: checksum mismatch"):
+        load_served(_files("7", real_version, bad), progress=False)
+
+
+def test_load_served_refuses_an_index_of_other_embeddings(real_version, tmp_path):
+    import shutil
+
+    from hm_recsys.fsutil import file_sha256
     from hm_recsys.index import build_index
+    from hm_recsys.served import MANIFEST
 
-    rec = real_version.rec
-    # right version in the manifest, embeddings of some other model
-    other = np.random.default_rng(0).normal(size=rec.article_embeddings().shape).astype(np.float32)
-    build_index(rec.article_ids, other, tmp_path / "index", "7")
-    with pytest.raises(LoadError, match="index and model do not belong together"):
-        load_served("7", real_version.bundle_dir, tmp_path / "index", progress=False)
+    bad = tmp_path / "state"
+    shutil.copytree(real_version.state_dir, bad)
+    st = real_version.state
+    other = np.random.default_rng(0).normal(size=(st.index_rows.size, st.dim)).astype(np.float32)
+    shutil.rmtree(bad / "index")
+    build_index([st.article_ids[r] for r in st.index_rows], other, bad / "index", "7")
+    m = json.loads((bad / MANIFEST).read_text())  # re-signed: every checksum right, the index wrong
+    m["files"] = {str(p.relative_to(bad)): file_sha256(p) for p in bad.rglob("*")
+                  if p.is_file() and p != bad / MANIFEST}
+    (bad / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(LoadError, match="index and state do not belong together"):
+        load_served(_files("7", real_version, bad), progress=False)
 
 
-def test_load_served_refuses_a_missing_bundle(tmp_path, real_version):
-    with pytest.raises(LoadError, match="cannot load the bundle"):
-        load_served("7", tmp_path / "nothing", real_version.index_dir, progress=False)
+def test_load_served_refuses_a_missing_state(tmp_path, real_version):
+    with pytest.raises(LoadError, match="cannot load the served state"):
+        load_served(_files("7", real_version, tmp_path / "nothing"), progress=False)
 
 
 # ---------------------------------------------------------------------------
@@ -374,9 +443,10 @@ def test_service_handlers():
     assert svc.__is_ready__()
     status, out = body(asyncio.run(svc.recommend(customer_id=UNKNOWN, top_k=1)))
     assert status == 200 and out == {"customer_id": UNKNOWN, "count": 1, "model_version": "1", "fallback": True,
+                                     "as_of": "2020-09-16",
                                      "recommendations": [{"article_id": "0000000002", "score": 0.96, "rank": 1}]}
     status, out = body(asyncio.run(svc.recommend_batch(customer_ids=[C0, C1], top_k=1)))
-    assert status == 200 and (out["count"], out["model_version"]) == (2, "1")
+    assert status == 200 and (out["count"], out["model_version"], out["as_of"]) == (2, "1", "2020-09-16")
     assert [r["recommendations"][0]["article_id"] for r in out["results"]] == ["0000000001", "0000000003"]
     status, out = body(asyncio.run(svc.recommend_batch(customer_ids=[C0] * 4)))
     assert status == 422 and out == {"error": "customer_ids: at most 3 ids per request, got 4",
@@ -410,7 +480,7 @@ def test_admin_reload_requires_the_token():
     assert not svc.runtime.reloader._wake.is_set()
     c = ctx("Bearer s3cret")
     status, out = body(asyncio.run(svc.admin_reload(c, force=True)))
-    assert status == 202 == c.response.status_code and out["serving"] == "1"
+    assert status == 202 == c.response.status_code and out["serving"] == "1" and out["as_of"] == "2020-09-16"
     assert svc.runtime.reloader._wake.is_set() and svc.runtime.reloader._force
 
 
