@@ -10,7 +10,12 @@ What it adds to the Airflow 3 UI (no Flask/FAB views; those are legacy in Airflo
                         does; before that MLflow's direct ``#/runs/<id>`` route)
   ``Model version``     the version a ``register`` task reported as ``{"version": ...}``
                         (``model_name`` when present, else the configured model name)
-  ``Serving metadata``  the recommendation service's ``/metadata``, once the run's ``deploy`` task succeeded
+  ``Serving metadata``  the recommendation service's ``/metadata``, once the run's ``deploy`` (hm_retrain)
+                        or ``switch_service`` (hm_refresh) task succeeded
+  ``Live quality``      the champion's monitoring run in MLflow, on its chart of the served state's
+                        live Recall@12 per week, as an ``hm_refresh`` run's ``live_quality`` task
+                        reported it (``{"monitor_run_id": ..., "monitor_experiment_id": ...}``); the
+                        latest figure is in that task's log and the run's ``live.latest`` tag
 
   A link whose reference is not in the run (an ``hm_ingest`` run, a retrain run
   that failed before ``train``) is empty, and the UI hides an empty link.
@@ -51,10 +56,12 @@ from airflow.sdk import BaseOperatorLink
 MLFLOW_RUN = "MLflow run"
 MODEL_VERSION = "Model version"
 SERVING_METADATA = "Serving metadata"
-LINK_NAMES = (MLFLOW_RUN, MODEL_VERSION, SERVING_METADATA)
+LIVE_QUALITY = "Live quality"
+LINK_NAMES = (MLFLOW_RUN, MODEL_VERSION, SERVING_METADATA, LIVE_QUALITY)
+LIVE_METRIC = "live.recall_at_12"
 
-# The task whose success means "this run deployed a model to the service".
-DEPLOY_TASK = "deploy"
+# The tasks whose success means "this run changed what the service serves".
+DEPLOY_TASKS = ("deploy", "switch_service")
 
 
 # -- configuration --------------------------------------------------------------------
@@ -102,6 +109,8 @@ class RunRefs:
     model_name: str | None = None
     model_version: str | None = None
     deployed: bool = False
+    monitor_run_id: str | None = None
+    monitor_experiment_id: str | None = None
 
 
 def _as_mapping(value: Any) -> Mapping | None:
@@ -152,7 +161,9 @@ def refs_from_results(results: Iterable[tuple[str, Any]], task_id: str | None = 
         experiment_id=experiment_id,
         model_name=first("model_name"),
         model_version=first("version", "model_version"),
-        deployed=any(t == DEPLOY_TASK for t, _ in pairs),
+        deployed=any(t in DEPLOY_TASKS for t, _ in pairs),
+        monitor_run_id=first("monitor_run_id"),
+        monitor_experiment_id=first("monitor_experiment_id"),
     )
 
 
@@ -173,12 +184,21 @@ def serving_metadata_url(cfg: UiConfig) -> str:
     return f"{cfg.serve_url}/metadata"
 
 
+def live_quality_url(cfg: UiConfig, run_id: str, experiment_id: str | None = None) -> str:
+    """MLflow's chart of the monitoring run's live Recall@12, one point per week."""
+    runs = quote(json.dumps([run_id]), safe="")
+    exps = f"&experiments={quote(json.dumps([experiment_id]), safe='')}" if experiment_id else ""
+    return f"{cfg.mlflow_ui}/#/metric/{quote(LIVE_METRIC, safe='')}?runs={runs}{exps}"
+
+
 def links_for(refs: RunRefs, cfg: UiConfig) -> dict[str, str]:
     """Link name -> URL, ``""`` where the run has no such reference (the UI hides empty links)."""
     return {
         MLFLOW_RUN: mlflow_run_url(cfg, refs.mlflow_run_id, refs.experiment_id) if refs.mlflow_run_id else "",
         MODEL_VERSION: model_version_url(cfg, refs.model_version, refs.model_name) if refs.model_version else "",
         SERVING_METADATA: serving_metadata_url(cfg) if refs.deployed else "",
+        LIVE_QUALITY: live_quality_url(cfg, refs.monitor_run_id, refs.monitor_experiment_id)
+        if refs.monitor_run_id else "",
     }
 
 
@@ -234,9 +254,13 @@ class ServingMetadataLink(_RunLink):
     name = SERVING_METADATA
 
 
+class LiveQualityLink(_RunLink):
+    name = LIVE_QUALITY
+
+
 class HmRecsysPlugin(AirflowPlugin):
     name = "hm_recsys"
-    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink(), ServingMetadataLink()]
+    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink(), ServingMetadataLink(), LiveQualityLink()]
 
     @property
     def external_views(self) -> list[dict[str, str]]:  # type: ignore[override]

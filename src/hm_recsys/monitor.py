@@ -47,8 +47,8 @@ def week_step(week: dt.date) -> int:
     return (week - EPOCH).days // 7
 
 
-def monitor_run_id(settings: Settings, version: str) -> str:
-    """The monitoring run of a model version (created on first use)."""
+def monitor_run(settings: Settings, version: str) -> tuple[str, str]:
+    """``(run_id, experiment_id)`` of a model version's monitoring run (created on first use)."""
     import mlflow
 
     from hm_recsys import tracking
@@ -57,12 +57,12 @@ def monitor_run_id(settings: Settings, version: str) -> str:
     runs = mlflow.search_runs(experiment_ids=[exp_id], filter_string=f"tags.{MONITOR_TAG} = '{version}'",
                               output_format="list", order_by=["attributes.start_time ASC"])
     if runs:
-        return runs[0].info.run_id
+        return runs[0].info.run_id, exp_id
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     run = client.create_run(exp_id, run_name=f"monitor v{version}",
                             tags={MONITOR_TAG: str(version), "stage": "monitor"})
     client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    return run.info.run_id, exp_id
 
 
 def live_quality(settings: Settings | None = None, fail_below_baseline: bool | None = None,
@@ -100,7 +100,7 @@ def live_quality(settings: Settings | None = None, fail_below_baseline: bool | N
 
     import mlflow
 
-    run_id = monitor_run_id(settings, version)
+    run_id, experiment_id = monitor_run(settings, version)
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     rows = []
     for week in sorted(weeks):
@@ -156,7 +156,7 @@ def live_quality(settings: Settings | None = None, fail_below_baseline: bool | N
         if fail_below_baseline:
             raise LiveQualityBelowBaseline(msg)
     return {"status": "scored", "version": version, "weeks": rows, "latest": latest, "run_id": run_id,
-            "plot": plot}
+            "experiment_id": experiment_id, "plot": plot}
 
 
 def drift_of_week(settings: Settings, week: dt.date) -> dict | None:

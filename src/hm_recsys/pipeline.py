@@ -633,7 +633,9 @@ def live_quality(params: Mapping | None = None, settings: Settings | None = None
     out = monitor.live_quality(settings, fail_below_baseline=None if fail is None else bool(fail))
     keep = ("week", "as_of", "customers", "served_recall_at_12", "best_baseline", "best_baseline_recall_at_12",
             "below_best_baseline", "drift_verdict")
-    return {"status": out["status"], "version": out.get("version"), "run_id": out.get("run_id"),
+    # monitor_*: the plugin's "Live quality" link opens this run's chart in MLflow
+    return {"status": out["status"], "version": out.get("version"), "monitor_run_id": out.get("run_id"),
+            "monitor_experiment_id": out.get("experiment_id"),
             "weeks": [{k: w.get(k) for k in keep} for w in out["weeks"]]}
 
 

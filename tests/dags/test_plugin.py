@@ -91,7 +91,31 @@ def test_every_task_of_a_deployed_retrain_run_links_to_its_run_version_and_servi
         "MLflow run": "http://mlflow.test:5000/#/experiments/7/runs/0f3c9a51",
         "Model version": "http://mlflow.test:5000/#/models/hm-recsys-two-tower/versions/3",
         "Serving metadata": "http://serve.test:3000/metadata",
+        "Live quality": "",
     }
+
+
+REFRESH_RESULTS = [
+    ("live_quality", {"status": "scored", "version": "3", "monitor_run_id": "9a1e", "monitor_experiment_id": "7",
+                      "weeks": [{"week": "2020-09-16", "served_recall_at_12": 0.18}]}),
+    ("refresh_state", {"version": "3", "as_of": "2020-09-23", "status": "built"}),
+    ("switch_service", {"url": "http://127.0.0.1:3000", "status": "switched", "model_version": "3"}),
+]
+
+
+@pytest.mark.parametrize("task_id", [t for t, _ in REFRESH_RESULTS])
+def test_a_refresh_run_links_to_the_live_quality_chart_and_the_service(plugin, cfg, task_id):
+    links = plugin.links_for(plugin.refs_from_results(REFRESH_RESULTS, task_id=task_id), cfg)
+    assert links == {
+        "MLflow run": "",
+        "Model version": "http://mlflow.test:5000/#/models/hm-recsys-two-tower/versions/3",
+        "Serving metadata": "http://serve.test:3000/metadata",
+        "Live quality": "http://mlflow.test:5000/#/metric/live.recall_at_12?runs=%5B%229a1e%22%5D"
+                        "&experiments=%5B%227%22%5D",
+    }
+    # before the swap succeeded (no switch_service result yet), no serving link
+    early = plugin.links_for(plugin.refs_from_results(REFRESH_RESULTS[:2], task_id=task_id), cfg)
+    assert early["Serving metadata"] == "" and early["Live quality"].endswith("%5B%227%22%5D")
 
 
 def test_run_stopped_before_deploy_has_no_serving_link(plugin, cfg):
@@ -105,7 +129,7 @@ def test_run_failed_before_evaluate_links_the_run_by_id_alone(plugin, cfg):
     links = plugin.links_for(plugin.refs_from_results(RETRAIN_RESULTS[:6], task_id="build_index"), cfg)
     assert links == {"MLflow run": "http://mlflow.test:5000/#/runs/0f3c9a51",
                      "Model version": "http://mlflow.test:5000/#/models/hm-recsys-two-tower/versions/3",
-                     "Serving metadata": ""}
+                     "Serving metadata": "", "Live quality": ""}
 
 
 def test_experiment_is_taken_only_from_a_result_about_the_same_run(plugin):
@@ -118,14 +142,15 @@ def test_experiment_is_taken_only_from_a_result_about_the_same_run(plugin):
 def test_run_failed_in_training_has_no_links(plugin, cfg):
     refs = plugin.refs_from_results(RETRAIN_RESULTS[:3], task_id="train")
     assert refs == plugin.RunRefs()
-    assert plugin.links_for(refs, cfg) == {"MLflow run": "", "Model version": "", "Serving metadata": ""}
+    assert plugin.links_for(refs, cfg) == {"MLflow run": "", "Model version": "", "Serving metadata": "",
+                                           "Live quality": ""}
 
 
 def test_ingest_run_results_are_ignored(plugin, cfg):
     results = [("process_drops", [{"drop": "transactions_2020-09-23.csv", "status": "accepted"}]),
                ("any_accepted", True), ("publish", ["transactions_2020-09-23.csv"]), ("fail_on_rejects", None)]
     assert plugin.links_for(plugin.refs_from_results(results, task_id="publish"), cfg) == {
-        "MLflow run": "", "Model version": "", "Serving metadata": ""}
+        "MLflow run": "", "Model version": "", "Serving metadata": "", "Live quality": ""}
 
 
 def test_the_open_task_wins_then_the_earliest_producer(plugin):
@@ -197,6 +222,7 @@ def test_plugins_manager_loads_the_plugin(tmp_path):
         "<hm_recsys_plugin.MlflowRunLink object>",
         "<hm_recsys_plugin.ModelVersionLink object>",
         "<hm_recsys_plugin.ServingMetadataLink object>",
+        "<hm_recsys_plugin.LiveQualityLink object>",
     ]
     assert info["external_views"] == [
         {"name": "MLflow", "href": "http://127.0.0.1:15000", "category": "hm-recsys", "destination": "nav"},
@@ -246,7 +272,11 @@ def probe():
     def deploy(registered):
         return {"version": registered["version"]}
 
-    deploy(register(train()))
+    @task
+    def live_quality(deployed):
+        return {"monitor_run_id": "5b2c", "monitor_experiment_id": "7"}
+
+    live_quality(deploy(register(train())))
 
 the_dag = probe()
 
@@ -260,7 +290,8 @@ if __name__ == "__main__":
     print(json.dumps({
         "state": str(run.state),
         "plugins": [p["name"] for p in client.get("/api/v2/plugins").json()["plugins"]],
-        "links": {t: client.get(f"{base}/{t}/links").json()["extra_links"] for t in ("train", "register", "deploy")},
+        "links": {t: client.get(f"{base}/{t}/links").json()["extra_links"]
+                  for t in ("train", "register", "deploy", "live_quality")},
     }))
 '''
 
@@ -290,5 +321,7 @@ def test_a_real_run_shows_the_links_through_airflows_api(airflow_home, tmp_path)
         "MLflow run": "http://mlflow.test:5000/#/experiments/7/runs/0f3c9a51",
         "Model version": "http://mlflow.test:5000/#/models/hm-recsys-two-tower/versions/3",
         "Serving metadata": "http://serve.test:3000/metadata",
+        "Live quality": "http://mlflow.test:5000/#/metric/live.recall_at_12?runs=%5B%225b2c%22%5D"
+                        "&experiments=%5B%227%22%5D",
     }
-    assert got["links"] == {"train": expected, "register": expected, "deploy": expected}
+    assert got["links"] == {t: expected for t in ("train", "register", "deploy", "live_quality")}
