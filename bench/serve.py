@@ -21,7 +21,10 @@ from a minimal keep-alive HTTP/1.1 client (asyncio + uvloop, one connection
 per concurrent user) at concurrency 1, 8 and 32, and the script prints p50/p99
 latency and requests/s for each, their ratios, and the targets: the service's
 requests/s >= the baseline's, and its p99 < 20 ms at concurrency 8. Before the
-load, it checks that both answer identically for known customers.
+load, it checks that the service answers exactly what the evaluation scored
+(``ServedState.predictions``) for known customers. The service ranks pooled
+candidates with the fusion; the baseline ranks by the towers alone, so the
+service does more work per request than before the fusion existed.
 
 Everything (client and both servers) shares this machine's cores, so the
 absolute figures depend on what else runs; the ratios are what to compare.
@@ -95,13 +98,14 @@ def ensure_model(home: Path, scale: str, seed: int) -> str:
 
 
 def publish(settings, bundle_dir: Path) -> str:
-    """Register ``bundle_dir`` as a version with its index, as the pipeline does (bundle/ + index/ artifacts)."""
+    """Register ``bundle_dir`` as a version and publish its served state as of the newest week, as deploy does."""
     import mlflow
-    from mlflow import MlflowClient
 
     from hm_recsys import bundle
-    from hm_recsys.index import build_index
-    from hm_recsys.registry import BUNDLE_ARTIFACT, INDEX_ARTIFACT, Registry
+    from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.pipeline import newest_as_of
+    from hm_recsys.registry import BUNDLE_ARTIFACT, Registry
+    from hm_recsys.served import build_state
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment_name)
@@ -110,15 +114,14 @@ def publish(settings, bundle_dir: Path) -> str:
     with mlflow.start_run(experiment_id=exp_id, run_name="bench-serve") as run:
         mlflow.log_artifacts(str(bundle_dir), BUNDLE_ARTIFACT)
         mlflow.log_text("bench model: no pyfunc flavour", "model/MLmodel")
-    version = Registry(settings).register(run.info.run_id).version
-    rec = bundle.load(bundle_dir)
-    rng = np.random.default_rng(0)
-    ids = rec.known_customer_ids()
-    sample = [ids[i] for i in rng.choice(len(ids), size=min(2000, len(ids)), replace=False)]
-    index_dir = settings.layout.run_dir(run.info.run_id) / "index"
-    build_index(rec.article_ids, rec.article_embeddings(), index_dir, version,
-                eval_queries=rec.customer_embeddings(sample))
-    MlflowClient(settings.mlflow_tracking_uri).log_artifacts(run.info.run_id, str(index_dir), INDEX_ARTIFACT)
+    reg = Registry(settings)
+    version = reg.register(run.info.run_id).version
+    wh = Warehouse(settings.layout.warehouse_dir)
+    as_of = newest_as_of(wh)
+    config, fusion = bundle.retrieval(bundle_dir)
+    out = settings.layout.state_dir(version, as_of.isoformat())
+    build_state(bundle.load(bundle_dir), wh, as_of, version, out, config, fusion)
+    reg.publish_state(version, out)
     return version
 
 
@@ -310,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         from hm_recsys.serving import serve_env
 
         settings = Settings.from_env({"HM_RECSYS_HOME": str(home)})
-        files = Registry(settings).fetch(version)
+        files = Registry(settings).fetch_state(version)
         logs = home / "bench-logs"
         logs.mkdir(exist_ok=True)
 
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(Proc("service", [sys.executable, "-m", "hm_recsys.cli", "serve", "--port", str(svc_port)],
                           env, logs / "service.log"))
         procs.append(Proc("baseline", [sys.executable, str(Path(__file__).resolve()), "--serve-baseline",
-                                       "--bundle", str(files.bundle_dir), "--index", str(files.index_dir),
+                                       "--bundle", str(files.bundle_dir), "--index", str(files.state_dir / "index"),
                                        "--version", version, "--port", str(base_port)], env, logs / "baseline.log"))
         servers = [("bentoml service", svc_port), ("fastapi+scann naive", base_port)]
         if not a.no_stock:
@@ -344,18 +347,23 @@ def main(argv: list[str] | None = None) -> int:
         ids = [("%064x" % rng.integers(0, 2**63)) if u else c for c, u in zip(ids, unknown)]
         bodies = [json.dumps({"customer_id": c, "top_k": 12}).encode() for c in ids]
 
-        same = sum(
-            [r["article_id"] for r in post(svc_port, b)["recommendations"]]
-            == [r["article_id"] for r in post(base_port, b)["recommendations"]]
-            for b, u in list(zip(bodies, unknown))[:50] if not u)
-        checked = sum(1 for u in unknown[:50] if not u)
+        # the service answers what the evaluation scores (the served state's fused ranking); the naive
+        # baseline ranks by the towers alone, so only the service is checked, against the evaluation
+        from hm_recsys.served import ServedState
+
+        state = ServedState.load(files.state_dir, verify=False)
+        sample = [c for c, u in list(zip(ids, unknown))[:50] if not u]
+        want = state.predictions(sample, k=12)
+        same = sum([r["article_id"] for r in post(svc_port, json.dumps({"customer_id": c, "top_k": 12}).encode())[
+            "recommendations"]] == want[c] for c in sample)
+        checked = len(sample)
         from hm_recsys.index import read_manifest
 
-        sc = read_manifest(files.index_dir).scann_config
+        sc = read_manifest(files.state_dir / "index").scann_config
         kind = "brute force" if sc["brute_force"] else f"{sc['num_leaves']} leaves, search {sc['leaves_to_search']}"
         print(f"\nmodel version {version}: {len(known):,} customers, {len(rec.article_ids):,} articles, "
               f"dim {rec.dim}; ScaNN index ({kind})")
-        print(f"same answers from both servers for {same}/{checked} known customers")
+        print(f"the service answers exactly what the evaluation scored for {same}/{checked} known customers")
         print(f"load: {a.seconds:g} s per point after {a.warmup} warm-up requests; {int(unknown.sum())}/{n} "
               f"request bodies are unknown customers; cpu cores: {os.cpu_count()}; load average before: "
               f"{os.getloadavg()[0]:.1f} (client and all servers share these cores)\n")
