@@ -336,12 +336,10 @@ class Registry:
 
 
 def _flatten(tmp: Path, artifact_path: str) -> None:
-    """``download_artifacts`` puts ``a/b/`` under ``tmp/a/b``: move its content up to ``tmp``."""
-    inner = tmp / artifact_path
-    if inner.is_dir():
-        for child in list(inner.iterdir()):
-            child.rename(tmp / child.name)
-        top = tmp / artifact_path.split("/")[0]
-        import shutil
-
-        shutil.rmtree(top)
+    """``download_artifacts`` puts ``a/b/`` under ``tmp/b``: move its content up to ``tmp``."""
+    inner = tmp / Path(artifact_path).name
+    if not inner.is_dir():
+        raise RegistryError(f"the download of {artifact_path!r} holds no folder {inner.name!r}")
+    for child in list(inner.iterdir()):
+        child.rename(tmp / child.name)
+    inner.rmdir()
