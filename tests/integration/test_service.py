@@ -242,6 +242,39 @@ def test_refresh_under_load_swaps_to_the_newest_week_with_no_failed_or_mixed_ans
     assert (again["status"], again["as_of"]) == ("current", new)
 
 
+def test_live_quality_scores_the_state_that_served_each_week(served_models):
+    """The week v1 served with its state as of that week is scored on its buyers, once, in MLflow."""
+    import datetime as dt
+
+    import mlflow
+
+    from hm_recsys import evaluate as ev
+    from hm_recsys import monitor
+    from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.registry import Registry
+
+    settings = served_models.settings
+    v1, _ = served_models.versions
+    old = dt.date.fromisoformat(served_models.as_of[0])  # the newest ingested week; v1's state as of its start
+    out = monitor.live_quality(settings)
+    assert out["status"] == "scored" and [r["week"] for r in out["weeks"]] == [old.isoformat()]
+    row = out["weeks"][0]
+    wh = Warehouse(settings.layout.warehouse_dir)
+    truth = ev.relevant_sets(wh.transactions(old, old + dt.timedelta(weeks=1), ["customer_id", "article_id"]))
+    want = ev.evaluate_rankings(served_models.state(v1, old.isoformat()).predictions(truth.customer_ids, 100), truth)
+    assert row["as_of"] == old.isoformat() and row["customers"] == len(truth)
+    assert row["served_recall_at_12"] == pytest.approx(want["recall@12"])
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    hist = client.get_metric_history(out["run_id"], "live.recall_at_12")
+    assert [(m.step, m.value) for m in hist] == [(monitor.week_step(old), pytest.approx(want["recall@12"]))]
+    best = client.get_metric_history(out["run_id"], "live.best_baseline.recall_at_12")[0].value
+    assert best == pytest.approx(row["best_baseline_recall_at_12"]) and row["best_baseline"] in ev.BASELINES
+    assert "plots/live_quality.png" in {a.path for a in client.list_artifacts(out["run_id"], "plots")}
+    assert client.get_run(out["run_id"]).data.tags["monitor_version"] == v1
+    assert Registry(settings).version(v1).tags["live_quality_weeks"] == f'["{old.isoformat()}"]'
+    assert monitor.live_quality(settings)["status"] == "nothing-new"  # each week is scored once
+
+
 def test_swap_under_load_has_no_failed_or_mixed_answers(server, served_models, expected):
     """Promote v2 and deploy while 4 clients hammer /recommend: zero failures, no mixed versions."""
     from hm_recsys.registry import Registry
