@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from hm_recsys.features import History
+from hm_recsys.features import History, config_from_dict, config_to_dict
 
 SOURCES = ("two_tower", "repurchase", "item_to_item", "same_product", "trending", "age_trending")
 FEATURES = ("two_tower", "repurchase", "item_to_item", "same_product", "trending", "age_trending", "last_week")
@@ -123,15 +123,11 @@ class RetrievalConfig:
         return max(self.item_to_item_weeks, self.trending_weeks, self.sold_within_weeks, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RetrievalConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"retrieval: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d, "retrieval")
 
 
 # ---------------------------------------------------------------------------
@@ -259,9 +255,7 @@ def co_purchase(history: History, n_articles: int, within_days: int, neighbours:
     p = v / np.maximum(buyers[a], 1.0)
     order = np.lexsort((b, -p, a))
     a, b, p = a[order], b[order], p[order]
-    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]]) if a.size else np.zeros(0, np.int64)
-    rank = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
-    top = rank < neighbours
+    top = _rank_in_group(a) < neighbours
     a, b, p = a[top], b[top], p[top]
     indptr = np.r_[0, np.cumsum(np.bincount(a, minlength=n_articles))].astype(np.int64)
     return indptr, b.astype(np.int32), p.astype(np.float32)
@@ -312,7 +306,7 @@ def generate(config: RetrievalConfig, tables: CandidateTables, history: History,
     hr = np.asarray(history_rows, dtype=np.int64)
     start, count = _positions(history, hr)
     own_g = np.repeat(np.arange(b), count)
-    src = np.repeat(start, count) + (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
+    src = _expand(start, count)
     own_a = history.article_rows[src].astype(np.int64)
     own_w = np.power(0.5, history.days_ago[src].astype(np.float64) / hl)
     if "two_tower" in cfg.sources:
@@ -340,8 +334,7 @@ def generate(config: RetrievalConfig, tables: CandidateTables, history: History,
         nb_start = tables.nb_indptr[own_a]
         nb_count = tables.nb_indptr[own_a + 1] - nb_start
         g = np.repeat(own_g, nb_count)
-        pos = np.repeat(nb_start, nb_count) + (np.arange(int(nb_count.sum()))
-                                               - np.repeat(np.cumsum(nb_count) - nb_count, nb_count))
+        pos = _expand(nb_start, nb_count)
         a = tables.nb_rows[pos].astype(np.int64)
         v = np.repeat(own_w, nb_count) * tables.nb_scores[pos]
         i2i_key, inv = np.unique(g * n + a, return_inverse=True)
@@ -349,9 +342,7 @@ def generate(config: RetrievalConfig, tables: CandidateTables, history: History,
         if "item_to_item" in cfg.sources:
             kg, ka = np.divmod(i2i_key, n)
             order = np.lexsort((ka, -i2i_val, kg))
-            starts = np.flatnonzero(np.r_[True, kg[order][1:] != kg[order][:-1]]) if order.size else order
-            rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
-            pick = order[rank < cfg.item_to_item_k]
+            pick = order[_rank_in_group(kg[order]) < cfg.item_to_item_k]
             groups.append(kg[pick])
             rows.append(ka[pick])
     sp_key = sp_val = None
@@ -360,8 +351,7 @@ def generate(config: RetrievalConfig, tables: CandidateTables, history: History,
         p_start = tables.pc_indptr[prod]
         p_count = tables.pc_indptr[prod + 1] - p_start
         g = np.repeat(own_g, p_count)
-        pos = np.repeat(p_start, p_count) + (np.arange(int(p_count.sum()))
-                                             - np.repeat(np.cumsum(p_count) - p_count, p_count))
+        pos = _expand(p_start, p_count)
         a = tables.pc_rows[pos].astype(np.int64)
         w = np.repeat(own_w, p_count)
         other = a != np.repeat(own_a, p_count)
@@ -394,6 +384,20 @@ def generate(config: RetrievalConfig, tables: CandidateTables, history: History,
     feats[:, 5] = tables.age_trend[seg[g], a]
     feats[:, 6] = tables.last_week[a]
     return Candidates(g, a, feats, feats[:, 1] > 0, b)
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Positions ``starts[i] .. starts[i] + counts[i] - 1`` of every i, concatenated (a CSR gather)."""
+    total = int(counts.sum())
+    return np.repeat(starts, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+
+
+def _rank_in_group(groups: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of a sorted ``groups`` array."""
+    if groups.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    return np.arange(groups.size) - np.repeat(starts, np.diff(np.r_[starts, groups.size]))
 
 
 def _positions(history: History, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -433,8 +437,7 @@ def top_k(cands: Candidates, scores: np.ndarray, k: int, exclude_bought: bool = 
     g, a, s = cands.group[keep], cands.rows[keep], scores[keep]
     order = np.lexsort((a, -s, g))
     g, a, s = g[order], a[order], s[order]
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if g.size else np.zeros(0, np.int64)
-    rank = np.arange(g.size) - np.repeat(starts, np.diff(np.r_[starts, g.size]))
+    rank = _rank_in_group(g)
     top = rank < k
     out_rows = np.full((cands.n_customers, k), -1, dtype=np.int64)
     out_scores = np.full((cands.n_customers, k), -np.inf, dtype=np.float32)

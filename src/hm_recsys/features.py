@@ -160,15 +160,25 @@ class FeatureConfig:
             raise ValueError(f"features.age_edges must be strictly increasing, got {list(self.age_edges)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FeatureConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"features: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d, "features")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A frozen config dataclass as JSON-able options (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(cls: type, d: Mapping[str, Any], section: str) -> Any:
+    """The config dataclass ``cls`` from options (lists as tuples); unknown options name the ``section``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{section}: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def day_number(d: dt.date) -> int:
