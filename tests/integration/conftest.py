@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,3 +180,46 @@ class ServerProcess:
     def stop(self) -> None:
         kill_tree(self.proc)
         self._log.close()
+
+
+class Hammer:
+    """Several clients POSTing /recommend in a loop; every answer and failure recorded."""
+
+    def __init__(self, url: str, customers: list[str], clients: int = 4):
+        self.url, self.customers = url, customers
+        self.stop = threading.Event()
+        self.answers: list[tuple[str, str, str, list[str]]] = []  # (customer, version, as_of, article ids)
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(k * 5,)) for k in range(clients)]
+
+    def _run(self, offset: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            i = offset
+            while not self.stop.is_set():
+                cid = self.customers[i % len(self.customers)]
+                i += 1
+                try:
+                    r = c.post("/recommend", json={"customer_id": cid})
+                except httpx.HTTPError as e:
+                    self.failures.append(f"{cid}: {e!r}")
+                    continue
+                if r.status_code != 200:
+                    self.failures.append(f"{cid}: {r.status_code} {r.text[:200]}")
+                    continue
+                out = r.json()
+                self.answers.append((cid, out["model_version"], out["as_of"],
+                                     [x["article_id"] for x in out["recommendations"]]))
+
+    def __enter__(self) -> Hammer:
+        for t in self.threads:
+            t.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(1.0)
+        self.stop.set()
+        for t in self.threads:
+            t.join()
