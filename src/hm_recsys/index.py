@@ -181,6 +181,9 @@ class ScannIndex:
                     num_leaves=min(config.num_leaves, n),
                     num_leaves_to_search=min(config.leaves_to_search, config.num_leaves, n),
                     training_sample_size=min(config.training_sample_size or n, n),
+                    # k-means++ seeding: ScaNN's random centre initialisation differs from build to build,
+                    # which made the same embeddings give other neighbours (and the same seed other metrics)
+                    random_init=False,
                 )
                 .score_ah(config.dims_per_block, anisotropic_quantization_threshold=config.anisotropic_quantization_threshold)
                 .reorder(config.reorder)

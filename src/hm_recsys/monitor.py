@@ -12,7 +12,7 @@ MLflow: run ``monitor v<version>`` (tag ``monitor_version``) in the project's
 experiment; metrics ``live.recall_at_12``, ``live.map_at_12``,
 ``live.<baseline>.recall_at_12``, ``live.best_baseline.recall_at_12``,
 ``live.n_customers`` and the drop's drift statistics ``drift.<metric>``, all
-with step = the week's ordinal (days since 1970-01-01 // 7) so the UI charts
+with step = the week's ordinal (weeks since Wednesday 1969-12-31) so the UI charts
 them week by week; ``plots/live_quality.png`` (served vs baselines per
 week) and ``drift/<week>.png``. The version's tag ``live_quality_weeks``
 lists the weeks scored (idempotent reruns). A week where the champion falls
@@ -35,7 +35,7 @@ from hm_recsys.data.warehouse import Warehouse
 
 MONITOR_TAG = "monitor_version"
 SCORED_TAG = "live_quality_weeks"
-EPOCH = dt.date(1970, 1, 1)
+WEEK_EPOCH = dt.date(1969, 12, 31)  # a Wednesday, as every H&M week start: step <-> week is exact
 
 
 class LiveQualityBelowBaseline(RuntimeError):
@@ -43,8 +43,13 @@ class LiveQualityBelowBaseline(RuntimeError):
 
 
 def week_step(week: dt.date) -> int:
-    """The MLflow step of a week: its ordinal since 1970-01-01."""
-    return (week - EPOCH).days // 7
+    """The MLflow step of an H&M week (a Wednesday): weeks since Wednesday 1969-12-31."""
+    return (week - WEEK_EPOCH).days // 7
+
+
+def step_week(step: int) -> dt.date:
+    """The H&M week (its Wednesday) of an MLflow step: the inverse of ``week_step``."""
+    return WEEK_EPOCH + dt.timedelta(weeks=step)
 
 
 def monitor_run(settings: Settings, version: str) -> tuple[str, str]:
@@ -209,7 +214,7 @@ def plot_live(client, run_id: str, version: str) -> str | None:
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if not hist:
             continue
-        x = [EPOCH + dt.timedelta(weeks=m.step) for m in hist]
+        x = [step_week(m.step) for m in hist]
         style = {"linewidth": 2.5, "color": "black", "marker": "o"} if label == "served" else {"linestyle": "--",
                                                                                                 "marker": "."}
         ax.plot(x, [m.value for m in hist], label=label, **style)
