@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 SCALE ?= small
 SEED ?= 42
 
-.PHONY: help setup demo test test-fast bench lock clean distclean airflow mlflow serve stop status
+.PHONY: help setup demo test test-fast bench bench-quality lock clean distclean airflow mlflow serve stop status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,7 +51,13 @@ bench: setup  ## all benchmarks at SCALE (figures printed as ratios against in-r
 	$(BIN)/python bench/evaluate.py
 	$(BIN)/python bench/index.py
 	$(BIN)/python bench/serve.py --scale $(if $(filter tiny,$(SCALE)),tiny,small)
+	$(BIN)/python bench/quality.py --data $(if $(filter tiny,$(SCALE)),tiny,small)
+	$(BIN)/python bench/freshness.py --data $(if $(filter tiny,$(SCALE)),tiny,small)
 	$(BIN)/python bench/dag_parse.py
+
+bench-quality: setup  ## quality on the real dev set (MovieLens-100k, the recbole wheel fetched from PyPI) and on small data
+	$(BIN)/python bench/quality.py --data movielens --fetch
+	$(BIN)/python bench/quality.py --data small
 
 airflow: setup  ## start Airflow (api-server, scheduler, dag-processor, triggerer) on 127.0.0.1:8080
 	scripts/stack.sh start airflow
