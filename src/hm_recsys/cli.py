@@ -32,6 +32,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def iso_date(text: str):
+    """An argparse ``type`` for YYYY-MM-DD options, with a message naming the bad value."""
+    import argparse
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date in YYYY-MM-DD form") from None
+
+
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     rows = "\n".join(f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items())

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hm_recsys.cli import iso_date
+
 if TYPE_CHECKING:  # pandas and the warehouse are only needed by the loaders and baselines
     import pandas as pd
 
@@ -812,11 +814,6 @@ def best_baseline(results: Mapping[str, Mapping[str, float]], metric: str = "rec
     return max(present, key=lambda b: (results[b][metric], -BASELINES.index(b)))
 
 
-def _iso_date(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date in YYYY-MM-DD form") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -832,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                     "holdout week and print the comparison table.",
     )
     p.add_argument("--warehouse", type=Path, metavar="DIR", help="warehouse folder (default $HM_RECSYS_HOME/data/warehouse)")
-    p.add_argument("--holdout-week", type=_iso_date, metavar="YYYY-MM-DD",
+    p.add_argument("--holdout-week", type=iso_date, metavar="YYYY-MM-DD",
                    help="a day in the holdout week (default: the last complete week in the warehouse)")
     p.add_argument("--train-weeks", type=int, default=12, metavar="N", help="training weeks before the validation week (default 12)")
     p.add_argument("--exclude-purchased", action="store_true",

@@ -643,13 +643,15 @@ def refresh_main(argv: list[str] | None = None) -> int:
     """``hm-recsys refresh``: the hm_refresh DAG as one command."""
     import argparse
 
+    from hm_recsys.cli import iso_date
+
     p = argparse.ArgumentParser(
         prog="hm-recsys refresh",
         description="Refresh the served state without retraining: score the state that served each newly "
                     "ingested week (live quality, logged to the champion's monitoring run in MLflow), then rebuild "
                     "the champion's served state as of the newest week (histories, embeddings, candidate tables, "
                     "ScaNN index), publish it and hot-swap it into a running service.")
-    p.add_argument("--as-of", type=dt.date.fromisoformat, metavar="YYYY-MM-DD",
+    p.add_argument("--as-of", type=iso_date, metavar="YYYY-MM-DD",
                    help="a Wednesday (default: the day after the newest ingested week)")
     p.add_argument("--no-switch", action="store_true", help="publish only; do not ask a running service to load it")
     p.add_argument("--url", help="the running service (default http://127.0.0.1:$HM_RECSYS_SERVE_PORT, port 3000)")

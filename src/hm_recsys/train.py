@@ -912,6 +912,8 @@ def main(argv: list[str] | None = None) -> int:
     from hm_recsys.config import Settings
     from hm_recsys.data.warehouse import Warehouse
 
+    from hm_recsys.cli import iso_date
+
     p = argparse.ArgumentParser(
         prog="hm-recsys train",
         description="Train the two towers on a time split (train weeks, validation week(s), holdout week), "
@@ -924,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one option, value in TOML syntax (repeatable), e.g. --set train.temperature=0.1")
     p.add_argument("--train-weeks", type=int, help="training weeks (= --set train.train_weeks=N)")
-    p.add_argument("--holdout-week", type=dt.date.fromisoformat, metavar="YYYY-MM-DD",
+    p.add_argument("--holdout-week", type=iso_date, metavar="YYYY-MM-DD",
                    help="a day in the holdout week (default: the last complete week in the warehouse)")
     p.add_argument("--epochs", type=int, help="maximum epochs (= --set train.epochs=N)")
     p.add_argument("--seed", type=int, help="random seed (= --set train.seed=N)")

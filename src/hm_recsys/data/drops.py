@@ -48,6 +48,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hm_recsys.cli import iso_date
 from hm_recsys.data.drift import DriftConfig, drift_for_drop, plot_drift
 from hm_recsys.data.validate import (
     FAILED,
@@ -440,11 +441,6 @@ def validate_incoming(run_date: dt.date, config: ValidationConfig | None = None,
 _DEFAULT = "\0default"
 
 
-def _date(s: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a date in YYYY-MM-DD form") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -465,9 +461,9 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--history", nargs="?", const=_DEFAULT, metavar="DIR",
                       help="validate articles/customers/transactions_train.csv in DIR (default: "
                       "$HM_RECSYS_HOME/data/raw), one H&M week at a time")
-    p.add_argument("--week", type=_date, metavar="YYYY-MM-DD",
+    p.add_argument("--week", type=iso_date, metavar="YYYY-MM-DD",
                    help="--drop: the declared week (its Wednesday), when the file name does not say it")
-    p.add_argument("--run-date", type=_date, metavar="YYYY-MM-DD",
+    p.add_argument("--run-date", type=iso_date, metavar="YYYY-MM-DD",
                    help="rows dated after this day are 'in the future' (default: today; Airflow passes its "
                    "data interval end)")
     p.add_argument("--warehouse", metavar="DIR", help="warehouse folder (default: $HM_RECSYS_HOME/data/warehouse)")

@@ -104,6 +104,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hm_recsys.cli import iso_date
 from hm_recsys.data import schema
 
 __all__ = [
@@ -675,11 +676,6 @@ def fetch_wheel(cache: Path, runner=subprocess.run) -> Path:
 # ==========================================================================
 # CLI: hm-recsys convert movielens ...
 # ==========================================================================
-def _date(s: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a date in YYYY-MM-DD form") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -699,7 +695,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="--fetch: where the wheel is kept (default: $HM_RECSYS_HOME/cache/recbole)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.add_argument("--min-rating", type=int, default=4, metavar="N", help="ratings >= N become purchases (default: 4)")
-    p.add_argument("--last-day", type=_date, default=dt.date(2020, 9, 22), metavar="YYYY-MM-DD",
+    p.add_argument("--last-day", type=iso_date, default=dt.date(2020, 9, 22), metavar="YYYY-MM-DD",
                    help="the last purchase day after the shift (default: 2020-09-22)")
     p.add_argument("--no-progress", action="store_true", help="no progress messages")
     return p
