@@ -48,7 +48,7 @@ def test_tiny_served_model_beats_every_heuristic(tiny_warehouse_ro, tmp_path):
 
 
 @pytest.mark.slow
-def test_small_data_runs_the_approximate_index_through_the_gate_and_the_service(tmp_path, monkeypatch):
+def test_small_data_runs_the_approximate_index_through_the_gate_and_the_service(home, tmp_path, monkeypatch):
     import httpx
 
     from hm_recsys import pipeline
@@ -59,8 +59,7 @@ def test_small_data_runs_the_approximate_index_through_the_gate_and_the_service(
     from hm_recsys.served import ServedState
     from tests.integration.conftest import ServedModels, ServerProcess
 
-    home = tmp_path / "var"
-    monkeypatch.setenv("HM_RECSYS_HOME", str(home))
+    # `home`: a private HM_RECSYS_HOME, and no MLFLOW_TRACKING_URI left over from another test's registry
     monkeypatch.setenv("HM_RECSYS_DEPLOY_BENTO", "0")  # the Bento build is tested with the service
     settings = Settings.from_env()
     generate(settings.layout.raw_dir, scale="small", seed=42, progress=False)
