@@ -11,7 +11,7 @@ import datetime as dt
 from airflow.sdk import Param, dag, get_current_context, task
 
 DOC = """
-# hm_retrain: weekly retraining with a champion/challenger gate
+# hm_retrain: weekly retraining with a champion/challenger gate against every heuristic
 
 Runs every Wednesday 06:00 UTC (an H&M week closes on Tuesday) and on demand
 from **Trigger DAG w/ config**. Manual runs need no logical date: the holdout
@@ -20,14 +20,14 @@ week defaults to the last complete week in the warehouse.
 | task | reads | writes / returns (XCom: ids and paths only) |
 |---|---|---|
 | `validate_incoming` | `var/data/incoming/` | pending drops validated (Great Expectations) and ingested, or quarantined: a rejected drop fails the run here, before any training |
-| `check_data` | warehouse | the split (train / valid / holdout weeks); fails if weeks are missing |
-| `build_snapshot` | warehouse | a frozen, hard-linked copy of exactly the split's partitions under `var/runs/<run>/snapshot`, and its content hash |
-| `train` | snapshot | an MLflow run (params, per-epoch metrics, plots, model) and the model bundle path; a retry reuses a finished run |
+| `check_data` | warehouse | the split (train / validation week(s) / holdout week) and the features' history lookback; fails if weeks are missing |
+| `build_snapshot` | warehouse | a frozen, hard-linked copy of every partition the run reads (history lookback included) under `var/runs/<run>/snapshot`, and its content hash |
+| `train` | snapshot | the towers and the fusion of candidate sources (fitted on the validation weeks); an MLflow run (params, fusion, per-epoch metrics, plots, model) and the bundle path; a retry reuses a finished run |
 | `register` | MLflow run | a model version of `hm-recsys-two-tower`, alias `challenger`; idempotent on this Airflow run id |
-| `build_index` | bundle | a ScaNN index bound to the version (manifest, checksums, recall vs exact >= 0.98), logged with the version |
-| `evaluate` | holdout week | challenger vs champion vs popularity (vs oracle) through their own indexes; the gate's decision and reason as version tags |
+| `build_index` | bundle | the challenger's served state as of the holdout's start: candidate tables and a ScaNN index (recall vs exact >= 0.98) |
+| `evaluate` | holdout week | challenger vs champion, each as served, vs every heuristic (vs oracle); the gate's decision and the rule that decided as version tags |
 | `gate` | decision | branches to `promote` or `keep_champion` |
-| `promote` → `deploy` | registry | alias `champion` (old one `previous-champion`), then a Bento tagged with the version and a hot swap of the running service |
+| `promote` → `deploy` | registry | compare-and-set of alias `champion` on the judged champion (old one `previous-champion`), then the state as of the newest week published, a Bento built and the running service hot-swapped |
 | `keep_champion` | decision | nothing changes; the reason is in the task log and on the version's tags |
 | `report` | all of the above | the comparison table in the log |
 
@@ -106,13 +106,13 @@ def hm_retrain():
 
         return pipeline.register(trained, run_id=get_current_context()["run_id"])
 
-    @task(doc_md="Build the ScaNN index for the version; refuse to publish below the recall floor.")
+    @task(doc_md="Build the challenger's served state (candidate tables, ScaNN index with its recall floor) as of the holdout.")
     def build_index(registered: dict) -> dict:
         from hm_recsys import pipeline
 
         return pipeline.build_index(registered, run_id=get_current_context()["run_id"])
 
-    @task(doc_md="Score challenger, champion and popularity on the same holdout; decide.")
+    @task(doc_md="Score challenger and champion as served, and every heuristic, on the same holdout; decide.")
     def evaluate(indexed: dict) -> dict:
         from hm_recsys import pipeline
 
@@ -123,13 +123,13 @@ def hm_retrain():
     def gate(decision: dict) -> str:
         return "promote" if decision["promote"] else "keep_champion"
 
-    @task(doc_md="Move alias champion to the challenger (old champion becomes previous-champion).")
+    @task(doc_md="Move alias champion to the challenger, compare-and-set on the judged champion.")
     def promote(decision: dict) -> dict:
         from hm_recsys import pipeline
 
         return pipeline.promote(decision)
 
-    @task(doc_md="Build a Bento for the version and hot-swap the running service, if any.")
+    @task(doc_md="Publish the champion's state as of the newest week, build a Bento, hot-swap the running service.")
     def deploy(promoted: dict) -> dict:
         from hm_recsys import pipeline
 
