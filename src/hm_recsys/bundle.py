@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from hm_recsys.candidates import RetrievalConfig
-    from hm_recsys.data.warehouse import Warehouse
     from hm_recsys.fusion import Fusion
     from hm_recsys.model import TwoTower
 
@@ -299,21 +298,6 @@ class Recommender:
         ids = self.article_ids
         return [[(ids[r], float(sc)) for r, sc in zip(rr, ss) if np.isfinite(sc)]
                 for rr, ss in zip(rows.tolist(), scores.tolist())]
-
-    # -- refresh ---------------------------------------------------------------------------
-    def with_history(self, warehouse: Warehouse, as_of: dt.date, progress: bool = True) -> Recommender:
-        """The same model with customer histories and article facts recomputed as of ``as_of``.
-
-        Replays ``warehouse`` through the same feature code as training. The
-        catalogue and customer table stay the bundle's (so its index still
-        matches): transactions of customers or articles the bundle does not
-        know are skipped, exactly as serving this model treats those ids.
-        """
-        from hm_recsys.features import snapshot
-
-        history, raw = snapshot(warehouse, self.tables, self.state.config, as_of, progress=progress, strict=False)
-        return Recommender(self.model, self.state, self.tables, raw, history,
-                           article_static=self._article_static, customer_static=self._customer_static)
 
 
 # ---------------------------------------------------------------------------

@@ -189,6 +189,26 @@ def day_number(d: dt.date) -> int:
 # ---------------------------------------------------------------------------
 # Tables: ids -> rows
 # ---------------------------------------------------------------------------
+def positions(index: pd.Index, ids: Sequence[str]) -> np.ndarray:
+    """``int64 (n,)`` position of each id in a unique ``index``; -1 where absent.
+
+    A handful of ids (a serving request) are looked up one by one with
+    ``get_loc``, which skips building an Index of the ids (~10x less overhead).
+    """
+    ids = list(ids)
+    if len(ids) > 8:
+        return np.asarray(index.get_indexer(ids), dtype=np.int64)
+    out = np.full(len(ids), -1, dtype=np.int64)
+    for i, c in enumerate(ids):
+        try:
+            loc = index.get_loc(c)
+        except (KeyError, TypeError):
+            continue
+        if isinstance(loc, (int, np.integer)):
+            out[i] = loc
+    return out
+
+
 @dataclass
 class WeekRows:
     """One week of transactions as row numbers. All arrays ``(n,)``, aligned."""
@@ -245,40 +265,27 @@ class Tables:
 
     def customer_rows(self, ids: Sequence[str]) -> np.ndarray:
         """``int64 (n,)`` customer rows; ``unknown_row`` for ids not in the table."""
-        ids = list(ids)
-        if len(ids) <= 8:  # a serving request: get_loc skips building an Index (~10x less overhead)
-            return np.array([self._loc(c) for c in ids], dtype=np.int64)
-        rows = self.customer_index.get_indexer(ids).astype(np.int64)
+        rows = positions(self.customer_index, ids)
         rows[rows < 0] = self.unknown_row
         return rows
 
-    def _loc(self, customer_id: str) -> int:
-        try:
-            loc = self.customer_index.get_loc(customer_id)
-        except (KeyError, TypeError):
-            return self.unknown_row
-        return loc if isinstance(loc, int) else self.unknown_row
-
-    def encode_rows(self, tx: pd.DataFrame, where: str = "transactions", strict: bool = True) -> WeekRows:
+    def encode_rows(self, tx: pd.DataFrame, where: str = "transactions") -> WeekRows:
         """Warehouse transactions (``t_dat, customer_id, article_id[, price]``) to ``WeekRows``.
 
-        ``strict``: raise ``ValueError`` naming ``where``, the row and the id when
-        a customer or article is not in its table (training: the warehouse must
-        be consistent). Not strict: drop such rows (an older model replaying a
-        newer warehouse, to which those ids are unknown anyway).
+        Raises ``ValueError`` naming ``where``, the row and the id when a
+        customer or article is not in its table: the warehouse must be
+        consistent (served states use the warehouse's own tables, so an id a
+        model never saw is still in them).
         """
-        cust = self._codes(tx, "customer_id", self.customer_index, where, strict)
-        art = self._codes(tx, "article_id", self.article_index, where, strict)
+        cust = self._codes(tx, "customer_id", self.customer_index, where)
+        art = self._codes(tx, "article_id", self.article_index, where)
         days = tx["t_dat"].to_numpy().astype("datetime64[D]").astype(np.int64).astype(np.int32)
         prices = tx["price"].to_numpy(dtype=np.float64) if "price" in tx.columns else np.full(len(tx), np.nan)
-        keep = (cust >= 0) & (art >= 0)
-        if not keep.all():
-            cust, art, days, prices = cust[keep], art[keep], days[keep], prices[keep]
         return WeekRows(cust, art, days, prices)
 
     @staticmethod
-    def _codes(tx: pd.DataFrame, col: str, index: pd.Index, where: str, strict: bool = True) -> np.ndarray:
-        """Row of each id in ``index``; -1 for unknown ids when not ``strict``."""
+    def _codes(tx: pd.DataFrame, col: str, index: pd.Index, where: str) -> np.ndarray:
+        """Row of each id in ``index``; ``ValueError`` naming the first id it lacks."""
         import pandas as pd
 
         s = tx[col]
@@ -289,7 +296,7 @@ class Tables:
         codes = s.cat.codes.to_numpy()
         rows = np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1)
         bad = np.flatnonzero(rows < 0)
-        if bad.size and strict:
+        if bad.size:
             i = int(bad[0])
             value = s.iloc[i]
             table = "articles" if col == "article_id" else "customers"
@@ -479,13 +486,11 @@ class Replay:
     applied, so inside the loop ``history_at(week)`` and ``article_raw_at(week)``
     see only the past; after the loop they describe the stream's end.
     Weeks older than the history lookback are read without customer ids.
-    ``strict=False`` skips transactions of ids the tables lack (see ``Tables.encode_rows``).
     """
 
-    def __init__(self, tables: Tables, config: FeatureConfig, strict: bool = True):
+    def __init__(self, tables: Tables, config: FeatureConfig):
         self.tables = tables
         self.config = config
-        self.strict = strict
         self.window = HistoryWindow(config.history_weeks, config.history_length)
         self.stats = ArticleStats(tables.n_articles)
 
@@ -506,18 +511,16 @@ class Replay:
         old = [w for w in weeks if w < hist_from]
         if old:
             for week, df in warehouse.iter_weeks(old[0], hist_from, columns=["t_dat", "article_id", "price"]):
-                art = Tables._codes(df, "article_id", self.tables.article_index, f"week {week}", self.strict)
+                art = Tables._codes(df, "article_id", self.tables.article_index, f"week {week}")
                 days = df["t_dat"].to_numpy().astype("datetime64[D]").astype(np.int64).astype(np.int32)
-                keep = art >= 0
-                rows = WeekRows(np.zeros(int(keep.sum()), np.int32), art[keep], days[keep],
-                                df["price"].to_numpy(np.float64)[keep])
+                rows = WeekRows(np.zeros(art.size, np.int32), art, days, df["price"].to_numpy(np.float64))
                 self.stats.update(week, rows)
                 bar.update()
         recent = [w for w in weeks if w >= hist_from]
         if recent:
             cols = ["t_dat", "customer_id", "article_id", "price"]
             for week, df in warehouse.iter_weeks(recent[0], end, columns=cols):
-                rows = self.tables.encode_rows(df, where=f"transactions of week {week}", strict=self.strict)
+                rows = self.tables.encode_rows(df, where=f"transactions of week {week}")
                 yield week, rows
                 self.window.push(rows)
                 self.stats.update(week, rows)
@@ -529,15 +532,6 @@ class Replay:
 
     def article_raw_at(self, as_of: dt.date) -> ArticleRaw:
         return self.stats.raw_at(as_of)
-
-
-def snapshot(warehouse: Warehouse, tables: Tables, config: FeatureConfig, as_of: dt.date,
-             progress: bool = True, strict: bool = True) -> tuple[History, ArticleRaw]:
-    """History and article facts as of ``as_of`` (a Wednesday), from the warehouse's past only."""
-    replay = Replay(tables, config, strict=strict)
-    for _ in replay.weeks(warehouse, as_of, progress=progress, desc=f"history as of {as_of}"):
-        pass
-    return replay.history_at(as_of), replay.article_raw_at(as_of)
 
 
 # ---------------------------------------------------------------------------

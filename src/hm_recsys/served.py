@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hm_recsys.candidates import Candidates, CandidateTables, RetrievalConfig, build_tables, generate, top_k
-from hm_recsys.features import History
+from hm_recsys.features import History, positions
 from hm_recsys.fsutil import file_sha256, staged_dir
 from hm_recsys.fusion import Fusion
 
@@ -119,17 +119,7 @@ class ServedState:
 
     def rows_of(self, customer_ids: Sequence[str]) -> np.ndarray:
         """``int64 (B,)`` state rows of the ids; -1 for customers the state does not know."""
-        ids = list(customer_ids)
-        if len(ids) <= 8:  # a request: get_loc avoids building an Index per call
-            out = np.empty(len(ids), dtype=np.int64)
-            for i, c in enumerate(ids):
-                try:
-                    loc = self.customer_index.get_loc(c)
-                except (KeyError, TypeError):
-                    loc = -1
-                out[i] = loc if isinstance(loc, (int, np.integer)) else -1
-            return out
-        return np.asarray(self.customer_index.get_indexer(ids), dtype=np.int64)
+        return positions(self.customer_index, customer_ids)
 
     def purchased(self, customer_id: str) -> list[str]:
         """The customer's recent distinct purchases before ``as_of``, most recent first."""

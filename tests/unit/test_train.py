@@ -320,26 +320,37 @@ def test_bundle_round_trip_is_identical_and_pickle_free(tmp_path, tiny_prep, tin
         bundle.load(tmp_path)
 
 
-def test_with_history_replays_the_same_features_and_skips_unknown_ids(tiny_warehouse_ro, tiny_prep, tiny_model):
-    from hm_recsys.bundle import Recommender
-    from hm_recsys.data.warehouse import Warehouse
-    from hm_recsys.features import ArticleRaw, History, Tables
+def test_replay_to_recomputes_the_training_features_over_the_warehouses_tables(tiny_prep, tiny_model):
+    """A served state's replay gives exactly the features training had at the same date, and weekly sales."""
+    from hm_recsys.served import replay_to
 
     wh, split, _, prep = tiny_prep
     rec = T.recommender(tiny_model, prep, prep.end_history, prep.end_raw)
-    again = rec.with_history(wh, split.holdout_start, progress=False)
-    assert np.array_equal(again.history.article_rows, prep.end_history.article_rows)
+    again, weekly = replay_to(rec, wh, split.holdout_start, lookback_weeks=2, progress=False)
+    for field in ("customer_rows", "indptr", "article_rows", "days_ago"):
+        assert np.array_equal(getattr(again.history, field), getattr(prep.end_history, field)), field
     assert np.array_equal(again.raw.sales_last_week, prep.end_raw.sales_last_week)
-    # an older model: its customer table lacks a buyer, its catalogue an article; replay must not fail
-    gone = int(prep.end_history.customer_rows[0])
-    customers = prep.tables.customers.drop(index=gone)
-    r = prep.end_raw
-    raw = ArticleRaw(r.as_of, r.age_days[1:], r.sales_last_week[1:], r.mean_price[1:])
-    old = Recommender(tiny_model, prep.state, Tables(prep.tables.articles.iloc[1:], customers), raw,
-                      History.empty(split.holdout_start))
-    fresh = old.with_history(Warehouse(tiny_warehouse_ro), split.holdout_start, progress=False)
-    assert len(fresh.history) == len(prep.end_history) - 1
-    assert fresh.customer_embeddings([prep.tables.customer_index[gone]]).shape == (1, rec.dim)
+    assert np.array_equal(again.raw.age_days, prep.end_raw.age_days)
+    assert np.array_equal(again.customer_embeddings(rec.known_customer_ids()[:20]),
+                          rec.customer_embeddings(rec.known_customer_ids()[:20]))
+    # weekly sales per age bucket of the 2 weeks before: they add up to last week's article sales
+    assert sorted(weekly) == [split.holdout_start - dt.timedelta(weeks=w) for w in (2, 1)]
+    assert np.array_equal(weekly[split.holdout_start - dt.timedelta(weeks=1)].sum(axis=0),
+                          prep.end_raw.sales_last_week)
+
+
+def test_an_id_missing_from_its_table_names_the_row():
+    import pandas as pd
+
+    from hm_recsys.features import Tables
+
+    tables = Tables(pd.DataFrame({"article_id": ["0000000001"]}), pd.DataFrame({"customer_id": ["a" * 64]}))
+    tx = pd.DataFrame({"t_dat": pd.to_datetime(["2020-09-16", "2020-09-17"]), "customer_id": ["a" * 64, "b" * 64],
+                       "article_id": ["0000000001", "0000000001"]})
+    with pytest.raises(ValueError, match="week X: row 1 has customer_id 'bbbb.*not in the customers table"):
+        tables.encode_rows(tx, where="week X")
+    assert tables.customer_rows(["a" * 64, "c" * 64]).tolist() == [0, tables.unknown_row]
+    assert tables.customer_rows(["a" * 64] * 9 + ["c" * 64]).tolist() == [0] * 9 + [tables.unknown_row]
 
 
 def test_cli_reports_bad_options_and_missing_data_in_one_line(tmp_path, home, capsys):
