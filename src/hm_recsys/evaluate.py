@@ -630,14 +630,8 @@ def trending_baseline(history_tx: pd.DataFrame, as_of: dt.date, customers: Itera
     customers = list(customers)
     own, trending = trending_scores(history_tx, as_of)
     mine = own[own["customer_id"].isin(customers)]
-    ranked = mine.sort_values(["customer_id", "value", "article_id"], ascending=[True, False, True], kind="stable")
-    lists: dict[str, list[str]] = {}
-    if len(ranked):
-        c = ranked["customer_id"].to_numpy()
-        a = ranked["article_id"].tolist()
-        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-        bounds = np.r_[starts, c.size].tolist()
-        lists = {str(c[s]): a[s:e] for s, e in zip(bounds[:-1], bounds[1:])}
+    ranked = mine.sort_values(["value", "article_id"], ascending=[False, True], kind="stable")
+    lists = predictions_from_frame(ranked.assign(rank=np.arange(len(ranked)))) if len(ranked) else {}
     exclude = exclude or {}
     fill = _Filler(trending, k)
     return {c: fill(lists.get(c, ()), exclude.get(c, ())) for c in customers}
