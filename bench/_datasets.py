@@ -79,3 +79,28 @@ def split_drops(raw: Path, weeks: int) -> list[Path]:
         out.append(path)
     tx[weeks_of < held[0]].to_csv(tx_path, index=False)
     return out
+
+
+def plot_weekly(weeks: list[str], series: dict[str, tuple[list[float], dict]], path: Path, title: str,
+                xlabel: str, ylabel: str) -> Path:
+    """One line per series over the weeks (PNG, matplotlib's Agg canvas, no pyplot): name -> (values, style)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(weeks))
+    for name, (ys, style) in series.items():
+        ax.plot(x, ys, label=name, **{"marker": "o", **style})
+    ax.set_xticks(x, weeks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -72,7 +72,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import DATASETS, warehouse_for  # noqa: E402
+from _datasets import DATASETS, plot_weekly, warehouse_for  # noqa: E402
 from _load import ServiceProcess, Wrk, write_rotation_script  # noqa: E402
 
 from hm_recsys import evaluate as ev  # noqa: E402
@@ -252,28 +252,16 @@ def swap_table(rows: list[dict], steady: dict, title: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    def col(key: str) -> list[float]:
+        return [r[key] for r in rows]
 
-    fig = Figure(figsize=(8, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = np.arange(len(rows))
-    ax.plot(x, [r["frozen_recall_at_12"] for r in rows], marker="o", label="frozen (as of the training holdout)")
-    ax.plot(x, [r["refreshed_recall_at_12"] for r in rows], marker="o", linewidth=2.5, color="black",
-            label="refreshed (as of the week's start)")
-    ax.plot(x, [r["best_heuristic_recall_at_12"] for r in rows], marker="s", linestyle="--",
-            label="best heuristic that week")
-    ax.set_xticks(x, [r["week"] for r in rows])
-    ax.set_xlabel("drop week (start)")
-    ax.set_ylabel("Recall@12 on the week's buyers")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    series = {
+        "frozen (as of the training holdout)": (col("frozen_recall_at_12"), {}),
+        "refreshed (as of the week's start)": (col("refreshed_recall_at_12"), {"linewidth": 2.5, "color": "black"}),
+        "best heuristic that week": (col("best_heuristic_recall_at_12"), {"marker": "s", "linestyle": "--"}),
+    }
+    return plot_weekly([r["week"] for r in rows], series, path, title, "drop week (start)",
+                       "Recall@12 on the week's buyers")
 
 
 def log_mlflow(settings, data: str, report: dict, files: list[Path]) -> str:

@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import DATASETS, warehouse_for  # noqa: E402
+from _datasets import DATASETS, plot_weekly, warehouse_for  # noqa: E402
 
 from hm_recsys import evaluate as ev  # noqa: E402
 from hm_recsys import train  # noqa: E402
@@ -111,26 +111,10 @@ def fmt_table(rows: dict[str, dict[str, float]], title: str, keep=None) -> str:
 
 
 def plot_weeks(weeks: list[dt.date], per_week: dict[str, list[float]], path: Path, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = np.arange(len(weeks))
-    for name, ys in per_week.items():
-        style = {"linewidth": 2.5, "color": "black"} if name == train.SERVED else {"linestyle": "--"}
-        ax.plot(x, ys, marker="o", label=name, **style)
-    ax.set_xticks(x, [w.isoformat() for w in weeks])
-    ax.set_xlabel("holdout week (start)")
-    ax.set_ylabel("Recall@12")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    styles = {name: {"linewidth": 2.5, "color": "black"} if name == train.SERVED else {"linestyle": "--"}
+              for name in per_week}
+    return plot_weekly([w.isoformat() for w in weeks], {n: (ys, styles[n]) for n, ys in per_week.items()}, path,
+                       title, "holdout week (start)", "Recall@12")
 
 
 def main() -> int:
