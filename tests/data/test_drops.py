@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hm_recsys.data import drops as D
+from hm_recsys.data import schema
 from hm_recsys.data.ingest import ingest_drop
 from hm_recsys.data.warehouse import Warehouse
 from tests.data.bad_inputs import corpus
@@ -212,6 +213,44 @@ def test_a_drop_ingested_by_an_interrupted_run_is_finished_not_rejected(tiny, tm
     (out,) = res["drops"]
     assert (out["status"], out["ingest"], out["failed_checks"]) == ("accepted", "duplicate", [])
     assert Path(out["moved_to"]).is_file() and not p.exists() and not any(d["quarantine"].iterdir())
+
+
+def _quote_fields(data: bytes, columns: set[str]) -> bytes:
+    """``data`` with ``columns`` quoted on every line, header included, as RFC 4180 exporters may write it."""
+    lines = data.split(b"\n")
+    pos = [i for i, c in enumerate(lines[0].split(b",")) if c.decode() in columns]
+
+    def quote(line: bytes) -> bytes:
+        parts = line.split(b",")
+        return b",".join(b'"' + p + b'"' if i in pos else p for i, p in enumerate(parts)) if line else line
+
+    return b"\n".join(quote(ln) for ln in lines)
+
+
+@pytest.mark.parametrize("variant", ["quoted_ids", "quoted_all_crlf", "blank_lines_at_the_end"])
+def test_valid_rfc4180_variants_of_a_clean_drop_are_accepted_as_the_same_rows(tiny, tmp_path, variant):
+    """Quoted fields and blank lines ending the file are valid CSV: accepted, and the warehouse gets the plain rows."""
+    clean = _bases(tiny)["base"]
+    data = {
+        "quoted_ids": _quote_fields(clean, {"t_dat", "customer_id", "article_id"}),
+        "quoted_all_crlf": _quote_fields(clean, set(schema.TRANSACTION_COLUMNS)).replace(b"\n", b"\r\n"),
+        "blank_lines_at_the_end": clean + b"\n\n\r\n",
+    }[variant]
+    assert data != clean and (b'"0' in data) == variant.startswith("quoted")
+    plain_wh = tiny.warehouse_copy(tmp_path / "plain_wh")
+    ingest_drop(_put(tmp_path, "plain.csv", clean, 0), plain_wh)  # the reference: the clean bytes' rows
+
+    d = _dirs(tmp_path / "var")
+    wh = tiny.warehouse_copy(tmp_path / "warehouse")
+    name = f"transactions_{corpus.BASE_WEEK}.csv"
+    _put(d["incoming"], name, data, 0)
+    res = D.process_incoming(d["incoming"], wh, d["processed"], d["quarantine"], corpus.RUN_DATE)
+    (out,) = res["drops"]
+    assert (out["status"], out["ingest"], out["failed_checks"]) == ("accepted", "ingested", []), out["summary"]
+    assert out["rows"] == clean.count(b"\n") - 1 and (d["processed"] / name).read_bytes() == data
+    (got,) = Warehouse(wh).part_files(corpus.BASE_WEEK)
+    (want,) = Warehouse(plain_wh).part_files(corpus.BASE_WEEK)
+    assert pq.read_table(got).equals(pq.read_table(want))
 
 
 def test_cli_accepts_every_clean_week(tiny, home, capsys):

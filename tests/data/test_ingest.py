@@ -169,6 +169,37 @@ def test_crlf_files_ingest_like_lf(tmp_path):
         assert pq.read_table(getattr(lf, name)).equals(pq.read_table(getattr(crlf, name)))
 
 
+def _quote_all(text: str) -> str:
+    """``text`` as an RFC 4180 exporter quoting every field writes it (header included)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(csv.reader(io.StringIO(text)))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("variant", ["quoted", "blank_tail", "crlf_blank_tail", "long_blank_tail"])
+def test_rfc4180_quoting_and_blank_lines_ending_a_file_ingest_like_plain(tmp_path, variant):
+    """Quoted fields and blank lines after the last row are valid CSV: the warehouse gets the same rows."""
+    tables = {"transactions": TRANSACTIONS, "customers": CUSTOMERS, "articles": ARTICLES}
+    if variant == "quoted":
+        texts, newline = {t: _quote_all(v) for t, v in tables.items()}, "\n"
+        assert texts["transactions"].startswith('"t_dat","customer_id"') and '"0663713001"' in texts["transactions"]
+    else:
+        blank = "\n" * (70_000 if variant == "long_blank_tail" else 2)  # longer than the first tail read
+        texts, newline = {t: v + blank for t, v in tables.items()}, "\r\n" if variant.startswith("crlf") else "\n"
+    ingest_history(write_raw(tmp_path / "plain"), tmp_path / "wh_plain", progress=False)
+    ingest_history(write_raw(tmp_path / variant, newline=newline, **texts), tmp_path / "wh", progress=False)
+    plain, got = WarehouseLayout(tmp_path / "wh_plain"), WarehouseLayout(tmp_path / "wh")
+    assert week_rows(got.root) == week_rows(plain.root)
+    for name in ("articles", "customers"):
+        assert pq.read_table(getattr(got, name)).equals(pq.read_table(getattr(plain, name)))
+    drop = tmp_path / "drop.csv"
+    drop.write_text(_quote_all(DROP) if variant == "quoted" else DROP + "\n\n")
+    assert ingest_drop(drop, got.root)["rows"] == DROP.count("\n") - 1
+
+
 def test_weeks_run_wednesday_to_tuesday_for_every_day(tmp_path, wh):
     """One row per day for ~4 months around the Kaggle test week: each lands in schema.week_start's week."""
     days = [dt.date(2020, 6, 1) + dt.timedelta(days=i) for i in range(130)]
@@ -428,6 +459,7 @@ GOOD = f"2018-09-20,{C1},0663713001,0.05,2\n"
         (f"2018-09-21,{C1},06637130x1,0.05,2\n", 4, "article_id", "9 or 10 digits"),
         (f"2018-09-21,,0663713001,0.05,2\n", 4, "customer_id", "empty"),
         (f"2018-09-21,{C1},0663713001,0.05,300\n", 4, "sales_channel_id", "-128..127"),
+        (f"2018-09-21,{C1}\r,0663713001,0.05,2\n", 4, None, "carriage return"),
     ],
 )
 def test_malformed_transactions_name_file_line_and_field(tmp_path, wh, bad_line, line, field, reason):

@@ -9,11 +9,13 @@ expected lines. One GX context serves the whole session (``GxRunner.shared``).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hm_recsys.data import validate as V
@@ -101,6 +103,92 @@ def test_read_quoted_file_numbers_lines_across_quoted_newlines(tmp_path):
 # --------------------------------------------------------------------------
 # Small pure helpers
 # --------------------------------------------------------------------------
+def test_scan_splits_rfc4180_quoted_lines():
+    data = (
+        b'"1","2","3"\n'  # 2: every field quoted
+        b'1,"a,b",3\n'  # 3: a comma inside quotes is data
+        b'1,"say ""hi""",3\r\n'  # 4: doubled quotes, CRLF
+        b'1,a"b,3\n'  # 5: a quote inside an unquoted field is data
+        b'1,"ab,3\n'  # 6: a quote never closed
+        b'1,"a"b,3\n'  # 7: text after the closing quote
+        b'"1","2"\n'  # 8: quoted, but 2 fields
+        b'1,2,"3'  # 9: cut off inside a quote at the end of the file
+    )
+    good, lines, found, f = _scan(data)
+    assert lines == [2, 3, 4, 5]
+    assert found == {"field_count": [6, 7, 8], "truncated_last_line": [9]}
+    assert [e["detail"] for e in f.found["field_count"].examples] == [
+        "cannot be split into fields: a quoted field is not closed on this line",
+        "cannot be split into fields: text follows the closing quote of a quoted field",
+        "2 fields, the header has 3",
+    ]
+    assert f.found["truncated_last_line"].examples[0]["detail"].endswith("(a quoted field is not closed on this line)")
+    frame = V._parse_plain(good, ["a", "b", "c"], np.asarray(lines))
+    assert frame.values.tolist() == [["1", "2", "3"], ["1", "a,b", "3"], ["1", 'say "hi"', "3"], ["1", 'a"b', "3"]]
+
+
+def test_a_carriage_return_inside_a_line_is_a_malformed_line_not_a_crash(tmp_path):
+    # CSV readers end a line at a lone \r too, so the line would split in two: it is set aside instead.
+    good, lines, found, f = _scan(b'1,2,3\n1,2\r,3\n\r1,2,3\n1,"2\r",3\n1,2,3\r\n1,2,3\r')
+    assert (lines, found) == ([2, 6, 7], {"field_count": [3, 4, 5]})
+    assert {e["detail"] for e in f.found["field_count"].examples} == {"cannot be split into fields: a carriage "
+                                                                      "return (\\r) inside the line"}
+    assert V._parse_plain(good, ["a", "b", "c"], np.asarray(lines)).index.tolist() == [2, 6, 7]
+
+
+def test_a_quoted_rfc4180_drop_reads_as_the_plain_one(tmp_path):
+    header = ",".join(T_HEADER).encode() + b"\n"
+    row = b"2020-09-23,c,0663713001,0.5,2\n"
+    quoted = b'"2020-09-23","c","0663713001","0.5","2"\n'
+    (tmp_path / "plain.csv").write_bytes(header + row * 2)
+    (tmp_path / "quoted.csv").write_bytes(b",".join(b'"%s"' % c.encode() for c in T_HEADER) + b"\n" + quoted * 2)
+    plain = V._read_plain_file(tmp_path / "plain.csv", "transactions", 5)
+    got = V._read_plain_file(tmp_path / "quoted.csv", "transactions", 5)
+    assert {c.status for c in got.findings.results(got.lines)} == {"passed"}
+    assert got.header.fields == T_HEADER and got.frame.equals(plain.frame)
+
+
+@pytest.mark.parametrize("tail", [b"\n", b"\n\n\n", b"\r\n\r\n", b"\n\r"])
+def test_blank_lines_ending_a_file_are_no_rows(tmp_path, tail):
+    header = ",".join(T_HEADER).encode() + b"\n"
+    row = b"2020-09-23,c,0663713001,0.5,2\n"
+    p = tmp_path / "t.csv"
+
+    def read(data: bytes):
+        p.write_bytes(data)
+        r = V._read_plain_file(p, "transactions", 5)
+        return r, {k: [e["line"] for e in v.examples] for k, v in r.findings.found.items()}
+
+    r, found = read(header + row + row + tail)
+    assert found == {} and r.frame.index.tolist() == [2, 3]
+    # Between rows a blank line is still malformed; a header followed by blank lines has no rows.
+    r, found = read(header + row + b"\n" + row + tail)
+    assert found == {"field_count": [3]} and r.frame.index.tolist() == [2, 4]
+    r, found = read(header + tail)
+    assert found == {"header_only": [1]} and r.frame is None
+    # articles.csv (quoted newlines allowed) follows the same rule.
+    p.write_bytes(b'a,b,c\n1,"two\nlines",3\n' + tail)
+    r = V._read_quoted_file(p, "articles", 5)
+    assert r.findings.found == {} and r.frame.index.tolist() == [2]
+
+
+@pytest.mark.parametrize("block", [1, 5, 13, 1 << 20])
+def test_history_blocks_tell_blank_lines_that_end_the_file_from_blank_lines_between_rows(block):
+    """Read in blocks (the history), blank lines at the end are still no rows, wherever a block ends."""
+    row = b"2020-09-23,c,0663713001,0.5,2\n"
+    body = row * 3 + b"\n" + row + b"\n\r\n\n"  # line 5: blank between rows; 7..9: the blank end
+    blocks = list(V._iter_blocks(io.BytesIO(body), block))
+    assert b"".join(b for b, _ in blocks) == body and [e for _, e in blocks][-1] is True
+    assert not any(e for _, e in blocks[:-1])
+    f, line, kept = V._Findings("transactions", 10), 2, []
+    for data, at_eof in blocks:
+        _, lines = V._scan_plain_block(data, line, T_HEADER, at_eof, f)
+        line += V._lines_in(data)
+        kept += lines.tolist()
+    assert kept == [2, 3, 4, 6] and {k: [e["line"] for e in v.examples] for k, v in f.found.items()} == {
+        "field_count": [5]}
+
+
 def test_declared_week():
     assert V.declared_week("transactions_2020-09-23.csv") == (dt.date(2020, 9, 23), None)
     assert V.declared_week("transactions_2020-09-23_fixed.csv") == (dt.date(2020, 9, 23), None)

@@ -1,4 +1,4 @@
-"""Byte-exact writers for the three H&M CSV files.
+"""Byte-exact writers for the three H&M CSV files, and the one reading rule they share.
 
 The real Kaggle files follow a few conventions that a generic CSV writer gets
 wrong; this module owns them so the generator (and anyone exporting the
@@ -12,6 +12,13 @@ warehouse back to CSV) writes the same bytes:
 * Lines end with ``\\n``; the files are UTF-8 without BOM.
 * ``price`` is the local price divided by 590, *truncated* (not rounded) to 16
   decimals, trailing zeros dropped: 29.99 -> ``0.0508305084745762``.
+
+Readers (validation, ingestion) accept more than H&M writes: any RFC 4180
+file means the same rows. Fields may be quoted (``"0108775015"``, inner
+quotes doubled) and ``\\r\\n`` may end lines. Blank lines at the very end of
+a file (``\\n`` or ``\\r\\n`` only) are no rows, as in every CSV reader; a blank
+line *between* rows is still malformed. ``blank_tail_start`` is that rule,
+shared so that validation and ingestion agree on where a file's rows end.
 
 Only pyarrow is imported at module level (it is light and every caller needs
 it); pandas is imported inside the article writer.
@@ -60,6 +67,24 @@ def format_price(value: float) -> str:
     """
     s = f"{value:.16f}".rstrip("0")
     return s + "0" if s.endswith(".") else s
+
+
+def blank_tail_start(data: bytes) -> int:
+    r"""Offset in ``data`` (the end of a file) where its trailing blank lines begin; ``len(data)`` if none.
+
+    The trailing blank lines are the ``\n`` / ``\r\n`` / ``\r`` bytes after the
+    newline that ends the last non-blank line: ``b"a\n\n\r\n"`` -> 2, ``b"a\r\n"``
+    -> 3 (its newline belongs to the line), ``b"\n\n"`` -> 0 (nothing but blank
+    lines). ``data`` must begin at a line start (or hold a non-blank byte). Scans
+    back over the blank tail only, so it is cheap on a whole file's bytes.
+    """
+    i = len(data)
+    while i and data[i - 1] in b"\r\n":
+        i -= 1
+    if i == len(data) or i == 0:
+        return i
+    nl = data.find(b"\n", i)
+    return len(data) if nl < 0 else nl + 1
 
 
 def fixed_width_strings(buf: np.ndarray) -> pa.StringArray:

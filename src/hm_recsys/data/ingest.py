@@ -313,6 +313,23 @@ def _check_header(path: Path, table: str) -> int:
     return len(first)
 
 
+def _content_end(path: Path) -> int:
+    """The size of ``path`` without the blank lines that end it (``hmcsv.blank_tail_start``); reads its tail only."""
+    from hm_recsys.data.hmcsv import blank_tail_start
+
+    size = path.stat().st_size
+    span = 1 << 16
+    with open(path, "rb") as f:
+        while True:
+            start = max(0, size - span)
+            f.seek(start)
+            tail = f.read(size - start)
+            # The tail must reach back to a non-blank byte, or its first newline may not end a row.
+            if start == 0 or tail.strip(b"\r\n"):
+                return start + blank_tail_start(tail)
+            span *= 16
+
+
 def _skip_lines(f, count: int) -> None:
     """Position binary file ``f`` at the start of line ``count + 1`` (counting is fast; parsing is not)."""
     f.seek(0)
@@ -337,7 +354,8 @@ def _locate_bad_row(path: Path, table: str, good_lines: int) -> tuple[int, int] 
     """(line, field count) of the first record after ``good_lines`` lines whose field count is wrong.
 
     Runs only after pyarrow rejected a block, scanning with the same newline
-    rules the parser used, from the end of the last good block.
+    rules the parser used, from the end of the last good block. A field count
+    of -1: a lone ``\\r`` inside the line (pyarrow ends a row there).
     """
     ncols = len(schema.COLUMNS[table])
     with open(path, "rb") as f:
@@ -356,7 +374,10 @@ def _locate_bad_row(path: Path, table: str, good_lines: int) -> tuple[int, int] 
         line = good_lines
         for raw in f:
             line += 1
-            rec = next(csv.reader([raw.decode("utf-8", errors="replace").rstrip("\r\n")]), [])
+            text = raw.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
+            if "\r" in text:
+                return line, -1
+            rec = next(csv.reader([text]), [])
             if len(rec) != ncols:
                 return line, len(rec)
     return None
@@ -368,6 +389,8 @@ def _parse_error(path: Path, table: str, good_lines: int, invalid: list, exc: Ex
     if found is None:
         return IngestError(path, good_lines + 1, None, f"cannot parse CSV at or after this line: {exc}")
     line, got = found
+    if got < 0:
+        return IngestError(path, line, None, "a carriage return (\\r) inside the line splits it in two")
     if got == 0:
         return IngestError(path, line, None, f"empty line; expected {len(columns)} fields")
     if got < len(columns):
@@ -404,16 +427,20 @@ def _read_table_csv(path: Path, table: str, progress: bool) -> Iterator[pa.Table
     read = pcsv.ReadOptions(block_size=max(_READ_BLOCK_BYTES, 2 * header_bytes), use_threads=True)
     parse = pcsv.ParseOptions(
         newlines_in_values=_NEWLINES_IN_VALUES[table],
-        ignore_empty_lines=False,  # a blank line is malformed, and skipping it would shift line numbers
+        # A blank line between rows is malformed, and skipping it would shift line numbers; blank lines
+        # that end the file are no rows (hmcsv.blank_tail_start): the reader stops before them.
+        ignore_empty_lines=False,
         invalid_row_handler=on_invalid,
     )
     # Raw bytes in, so nothing is reinterpreted (no NA strings, no UTF-8 failure without a line).
     convert = pcsv.ConvertOptions(column_types={c: pa.binary() for c in schema.COLUMNS[table]})
     good_lines = 1  # the header
-    size = path.stat().st_size
+    size = _content_end(path)
+    # Only a file with a blank tail is mapped: its first `size` bytes are read in place, without a copy.
+    source = str(path) if size == path.stat().st_size else pa.BufferReader(pa.memory_map(str(path)).read_buffer(size))
     with _progress(size, path.name, progress) as bar:
         try:
-            reader = pcsv.open_csv(str(path), read_options=read, parse_options=parse, convert_options=convert)
+            reader = pcsv.open_csv(source, read_options=read, parse_options=parse, convert_options=convert)
         except pa.ArrowInvalid as exc:
             raise _parse_error(path, table, good_lines, invalid, exc) from None
         while True:

@@ -404,7 +404,8 @@ def _read_header(f, table: str, findings: _Findings) -> _Header | None:
         findings.add("encoding", 1, f"invalid UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line", raw)
         text = raw.decode("utf-8-sig", errors="replace")
     line = text.rstrip("\r\n")
-    fields = line.split(",") if table != "articles" else next(csv.reader([line]), [])
+    # RFC 4180 exports may quote the header too ("t_dat","customer_id",...): it names the same columns.
+    fields = line.split(",") if table != "articles" and '"' not in line else next(csv.reader([line]), [])
     if len(fields) == 1 and len(schema.COLUMNS[table]) > 1:
         used = [d for d in _DELIMITERS if d in line]
         if used:
@@ -423,16 +424,44 @@ def _line_bounds(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+def _split_quoted_line(raw: bytes) -> list[str]:
+    """The fields of one line (no ``\\n``) under RFC 4180 quoting; raises ``ValueError`` saying what is wrong.
+
+    A field that starts with ``"`` is quoted and ends at the next lone ``"``
+    (``""`` is a quote inside it); a ``"`` elsewhere is data. Text after a
+    closing quote, or a quote that never closes, is malformed: the strict rule,
+    under which every line kept here splits into the same fields in pyarrow
+    (``_parse_plain`` and ingestion) as in this module.
+    """
+    text = raw.decode("utf-8", errors="replace").removesuffix("\r")
+    try:
+        return next(csv.reader([text], strict=True), [""])
+    except csv.Error as e:
+        msg = str(e)
+        if "unexpected end of data" in msg:
+            raise ValueError("a quoted field is not closed on this line") from None
+        if "expected after" in msg:
+            raise ValueError("text follows the closing quote of a quoted field") from None
+        if "new-line" in msg:
+            raise ValueError("a carriage return (\\r) inside the line") from None
+        raise ValueError(msg) from None
+
+
 def _scan_plain_block(
     block: bytes, first_line: int, header: list[str], at_eof: bool, findings: _Findings
 ) -> tuple[bytes, np.ndarray]:
-    """Structure checks of one block of an unquoted file (transactions, customers).
+    """Structure checks of one block of a file without newlines in values (transactions, customers).
 
     Vectorised: fields per line = commas + 1, from cumulative comma counts at
     line bounds; only lines holding a byte >= 0x80 are decoded one by one
-    (H&M transactions are ASCII). Returns the well-formed lines' bytes and
-    their line numbers.
+    (H&M transactions are ASCII), and only lines holding a ``"`` are split by
+    RFC 4180 quoting rules (H&M never quotes these files; other exporters
+    may). With ``at_eof``, blank lines that end the file are no rows (see
+    ``hmcsv.blank_tail_start``): they are neither findings nor returned.
+    Returns the well-formed lines' bytes and their line numbers.
     """
+    from hm_recsys.data.hmcsv import blank_tail_start
+
     arr = np.frombuffer(block, dtype=np.uint8)
     starts, ends = _line_bounds(arr)
     n = len(starts)
@@ -444,8 +473,10 @@ def _scan_plain_block(
     fields = np.searchsorted(commas, ends) - np.searchsorted(commas, starts) + 1
     high = np.flatnonzero(arr >= 0x80)
     good = np.ones(n, dtype=bool)
+    tail = starts >= blank_tail_start(block) if at_eof else np.zeros(n, bool)
+    good[tail] = False
     has_high = np.searchsorted(high, ends) - np.searchsorted(high, starts) > 0 if len(high) else np.zeros(n, bool)
-    for i in np.flatnonzero(has_high):
+    for i in np.flatnonzero(has_high & good):
         raw = block[starts[i] : ends[i]]
         try:
             raw.decode("utf-8")
@@ -453,30 +484,60 @@ def _scan_plain_block(
             good[i] = False
             detail = f"invalid UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
             findings.add("encoding", int(lines[i]), detail, raw)
+    malformed: dict[int, str] = {}
+    # CSV readers (pyarrow here and in ingestion) end a line at a lone \r too: such a line would split in two.
+    cr = np.flatnonzero(arr[:-1] == 0x0D)
+    cr = cr[arr[cr + 1] != 0x0A]
+    if len(cr):
+        for i in np.unique(np.searchsorted(ends, cr)):
+            if good[i]:
+                malformed[int(i)] = "a carriage return (\\r) inside the line"
+                fields[i] = -1
+    # A quoted field may hold commas, so lines with a quote are split properly (and their quoting checked).
+    quotes = np.flatnonzero(arr == 0x22)
+    if len(quotes):
+        has_quote = np.searchsorted(quotes, ends) - np.searchsorted(quotes, starts) > 0
+        for i in np.flatnonzero(has_quote & good):
+            if i in malformed:
+                continue
+            try:
+                fields[i] = len(_split_quoted_line(block[starts[i] : ends[i]]))
+            except ValueError as e:
+                malformed[i] = str(e)
+                fields[i] = -1
     ncols = len(header)
     wrong = np.flatnonzero((fields != ncols) & good)
     truncated = at_eof and not block.endswith(b"\n")
     for i in wrong:
         raw = block[starts[i] : ends[i]]
         if truncated and i == n - 1:
+            what = malformed.get(i) or f"{fields[i]} of {ncols} fields"
             findings.add(
                 "truncated_last_line",
                 int(lines[i]),
-                f"the file ends without a newline in the middle of this line ({fields[i]} of {ncols} fields)",
+                f"the file ends without a newline in the middle of this line ({what})",
                 raw,
             )
+        elif i in malformed:
+            findings.add("field_count", int(lines[i]), f"cannot be split into fields: {malformed[i]}", raw)
         else:
             what = "an empty line" if not raw.strip(b"\r") else f"{fields[i]} fields"
             findings.add("field_count", int(lines[i]), f"{what}, the header has {ncols}", raw)
     good[wrong] = False
     if good.all():
         return block, lines
+    if good[~tail].all():  # only blank lines at the end set aside
+        return block[: starts[np.argmax(tail)]], lines[good]
     kept = [block[starts[i] : ends[i]] for i in np.flatnonzero(good)]
     return (b"\n".join(kept) + b"\n") if kept else b"", lines[good]
 
 
 def _parse_plain(data: bytes, header: list[str], lines: np.ndarray) -> pd.DataFrame:
-    """Well-formed unquoted lines -> DataFrame of raw strings indexed by line number."""
+    """Well-formed lines (as ``_scan_plain_block`` keeps them) -> DataFrame of raw strings indexed by line number.
+
+    A quoted field's value is its text without the quotes: ``"0108775015"`` -> ``0108775015``, and a doubled
+    ``""`` inside the quotes is one ``"``.
+    """
     import pandas as pd
     import pyarrow as pa
     import pyarrow.csv as pcsv
@@ -486,8 +547,9 @@ def _parse_plain(data: bytes, header: list[str], lines: np.ndarray) -> pd.DataFr
     tbl = pcsv.read_csv(
         io.BytesIO(data),
         read_options=pcsv.ReadOptions(column_names=header, block_size=max(1 << 20, min(len(data), 1 << 28))),
-        # These files never quote (see hmcsv); a stray quote is data, so quoting is off.
-        parse_options=pcsv.ParseOptions(quote_char=False, ignore_empty_lines=False),
+        # H&M never quotes these files but RFC 4180 exporters may: a field opening with '"' is quoted (and
+        # the scan let through only lines whose quotes pair up); a '"' elsewhere in a field is data.
+        parse_options=pcsv.ParseOptions(quote_char='"', double_quote=True, ignore_empty_lines=False),
         convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False),
     )
     df = tbl.to_pandas()
@@ -495,22 +557,44 @@ def _parse_plain(data: bytes, header: list[str], lines: np.ndarray) -> pd.DataFr
     return df
 
 
+def _content_cut(data: bytes) -> int:
+    """Offset just after the newline that ends the last non-blank line of ``data``; 0 if there is none."""
+    end = len(data)
+    while (nl := data.rfind(b"\n", 0, end)) >= 0:
+        start = data.rfind(b"\n", 0, nl) + 1
+        if data[start:nl] not in (b"", b"\r"):
+            return nl + 1
+        end = nl
+    return 0
+
+
 def _iter_blocks(f, block_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """Yield ``(block, at_eof)``: blocks of whole lines; only the final one may lack a newline."""
+    """Yield ``(block, at_eof)``: blocks of whole lines; only the last one (``at_eof``) may lack a newline.
+
+    A block other than the last never ends with blank lines: they travel with
+    the next block, so the last block alone holds the blank lines that end the
+    file (no rows) and a blank line before more rows is seen as one.
+    """
     carry = b""
+    ready: bytes | None = None  # held back until it is known whether more follows
     while True:
         chunk = f.read(block_bytes)
         if not chunk:
-            if carry:
-                yield carry, True
-            return
+            break
         data = carry + chunk
-        cut = data.rfind(b"\n")
-        if cut < 0:
+        cut = _content_cut(data)
+        if cut == 0:
             carry = data
             continue
-        yield data[: cut + 1], False
-        carry = data[cut + 1 :]
+        if ready is not None:
+            yield ready, False
+        ready, carry = data[:cut], data[cut:]
+    if ready is not None and carry:
+        yield ready, False
+        ready = None
+    last = carry if ready is None else ready
+    if last:
+        yield last, True
 
 
 def _lines_in(block: bytes) -> int:
@@ -527,7 +611,9 @@ class _ReadFile:
 
 
 def _read_plain_file(path: Path, table: str, max_examples: int) -> _ReadFile:
-    """Read a whole unquoted file (a drop, customers.csv) with structure checks."""
+    """Read a whole file without newlines in values (a drop, customers.csv) with structure checks."""
+    from hm_recsys.data.hmcsv import blank_tail_start
+
     findings = _Findings(table, max_examples)
     with open(path, "rb") as f:
         header = _read_header(f, table, findings)
@@ -535,8 +621,9 @@ def _read_plain_file(path: Path, table: str, max_examples: int) -> _ReadFile:
         if header is None:
             return out
         body = f.read()
-    if not body:
+    if blank_tail_start(body) == 0:  # nothing, or only blank lines
         findings.add("header_only", 1, "the file has a header and no data rows")
+        out.lines = 1 + (_lines_in(body) if body else 0)
         return out
     data, lines = _scan_plain_block(body, 2, header.fields, True, findings)
     out.lines = 1 + _lines_in(body)
@@ -548,8 +635,11 @@ def _read_quoted_file(path: Path, table: str, max_examples: int) -> _ReadFile:
     """Read articles.csv (quoted fields, newlines allowed inside quotes) with structure checks."""
     import pandas as pd
 
+    from hm_recsys.data.hmcsv import blank_tail_start
+
     findings = _Findings(table, max_examples)
-    data = path.read_bytes()
+    whole = path.read_bytes()
+    data = whole[: blank_tail_start(whole)]  # blank lines that end the file are no records
     with io.BytesIO(data) as f:
         header = _read_header(f, table, findings)
         out = _ReadFile(table, header, findings, lines=1 if header else 0)
@@ -558,6 +648,7 @@ def _read_quoted_file(path: Path, table: str, max_examples: int) -> _ReadFile:
         body_start = f.tell()
     if body_start >= len(data):
         findings.add("header_only", 1, "the file has a header and no data rows")
+        out.lines = _lines_in(whole)
         return out
     # surrogateescape keeps undecodable bytes visible (as lone surrogates) without losing positions.
     text = data[body_start:].decode("utf-8", errors="surrogateescape")
@@ -585,7 +676,7 @@ def _read_quoted_file(path: Path, table: str, max_examples: int) -> _ReadFile:
             continue
         records.append(rec)
         numbers.append(line)
-    out.lines = 1 + body_lines
+    out.lines = _lines_in(whole)
     cols = {c: pd.Series([r[i] for r in records], dtype="str") for i, c in enumerate(header.fields)}
     out.frame = pd.DataFrame(cols)
     out.frame.index = pd.Index(np.asarray(numbers, dtype=np.int64), name="line")
@@ -1488,6 +1579,8 @@ def validate_history(
     import pyarrow as pa
     from tqdm.auto import tqdm
 
+    from hm_recsys.data.hmcsv import blank_tail_start
+
     t0 = time.perf_counter()
     config = config or ValidationConfig()
     raw_dir = Path(raw_dir)
@@ -1578,7 +1671,7 @@ def validate_history(
         seen_rows = False
         if ok_header:
             for block, at_eof in _iter_blocks(f, block_bytes):
-                seen_rows = True
+                seen_rows = seen_rows or blank_tail_start(block) > 0  # blank lines alone are no rows
                 data, lines = _scan_plain_block(block, line, header.fields, at_eof, findings)
                 line += _lines_in(block)
                 bar.update(len(block))
