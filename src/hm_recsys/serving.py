@@ -431,6 +431,15 @@ def _label(key: tuple[str, str] | None) -> str | None:
     return f"{key[0]}@{key[1]}" if key else None
 
 
+# absolute paths, and file/sqlite URIs, in error messages (not a URL's path: "//" or ":" before it)
+_PATH_IN_TEXT = re.compile(r"\b(?:file|sqlite):/*[^\s'\"]*|(?<![\w.:/~-])/[\w.@~+-]+(?:/[\w.@~+-]*)*")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with filesystem paths replaced by ``<path>``: error messages go to /metadata, the log keeps them."""
+    return _PATH_IN_TEXT.sub("<path>", text)
+
+
 class Reloader:
     """Keeps ``holder`` on the (version, as_of) ``source`` names, loading new states fully before the swap.
 
@@ -463,8 +472,9 @@ class Reloader:
             try:
                 target = self.source.resolve()
             except Exception as e:  # registry unreachable: keep serving what we have
+                log.warning("cannot resolve %s: %s", self.source.describe(), e)
                 outcome = ReloadOutcome("failed", None, None, _label(previous),
-                                        f"cannot resolve {self.source.describe()}: {e}")
+                                        without_paths(f"cannot resolve {self.source.describe()}: {e}"))
                 return self._done(outcome)
             self.last_checked = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             if target is None:
@@ -487,7 +497,7 @@ class Reloader:
                 if served.key != key:
                     raise LoadError(f"asked for {label}, loaded {_label(served.key)}")
             except Exception as e:
-                self.failed[label] = f"{type(e).__name__}: {e}"
+                self.failed[label] = without_paths(f"{type(e).__name__}: {e}")
                 log.error("served state %s failed to load; still serving %s: %s", label, _label(previous), e)
                 return self._done(ReloadOutcome("failed", version, as_of, _label(previous), self.failed[label],
                                                 time.perf_counter() - t0))
