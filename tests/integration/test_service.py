@@ -136,6 +136,8 @@ def test_batch_and_similar_items(client, served_models, expected):
     ("/recommend", {"customer_id": UNKNOWN, "top_k": 0}, 400, "top_k"),
     ("/recommend", {"customer_id": UNKNOWN, "top_k": 101}, 400, "top_k"),
     ("/recommend", {"customer_id": UNKNOWN, "top_k": "12"}, 400, "top_k"),
+    ("/recommend", {"customer_id": UNKNOWN, "exclude_purchased": "yes"}, 400, "exclude_purchased"),
+    ("/recommend", {"customer_id": UNKNOWN, "exclude_purchased": 1}, 400, "exclude_purchased"),
     ("/recommend/batch", {"customer_ids": []}, 400, "customer_ids"),
     ("/recommend/batch", {"customer_ids": [UNKNOWN, "nope"]}, 400, "customer_ids"),
     ("/similar-items", {"article_id": "12345"}, 400, "article_id"),
@@ -161,7 +163,10 @@ def test_other_refusals(client, served_models):
     assert r.status_code == 413 and "over the limit of 65536 bytes" in r.json()["error"]
     r = client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
-    assert client.get("/recommend").status_code == 405
+    r = client.get("/recommend")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]
+    r = client.post("/livez", content=b"x", headers={"content-type": "text/plain"})  # 405 before 415
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
     assert client.post("/admin/reload", json={}).status_code == 401
     r = client.post("/admin/reload", json={}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
