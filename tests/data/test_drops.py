@@ -14,6 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -325,3 +328,173 @@ def test_nothing_is_written_outside_the_runtime_folders(tiny, tmp_path, monkeypa
     res = D.process_incoming(d["incoming"], wh, d["processed"], d["quarantine"], corpus.RUN_DATE)
     assert res["rejected"] == 1 and Path(res["drops"][0]["data_docs"]).is_file()
     assert list(fake_home.iterdir()) == [] and list(cwd.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# What is not a regular file is refused unread (links, FIFOs, directories)
+# --------------------------------------------------------------------------
+SECRET = "SECRET-MARKER-7f3a: this line must never leave its file"
+
+
+class _FifoWatch:
+    """Fails a test, instead of hanging it, if anyone opens one of the FIFOs for reading.
+
+    A writer's non-blocking open succeeds only while a reader has the FIFO
+    open; the watch then closes it again, so the blocked reader sees EOF and
+    the run goes on (``opened`` records it).
+    """
+
+    def __init__(self, paths):
+        self.paths, self.opened, self._stop = paths, [], threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for p in self.paths():
+                try:
+                    fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # ENXIO: no reader (good); ENOENT: moved meanwhile
+                    continue
+                self.opened.append(str(p))
+                os.close(fd)
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _regular_files_holding(root: Path, text: str) -> list[str]:
+    """Regular files under ``root`` containing ``text``, found without following a link or opening a FIFO."""
+    hits = []
+    for folder, _, names in os.walk(root):  # does not descend into links
+        for name in names:
+            p = Path(folder) / name
+            if stat.S_ISREG(os.lstat(p).st_mode) and text.encode() in p.read_bytes():
+                hits.append(str(p))
+    return hits
+
+
+def test_a_symlink_is_refused_without_reading_what_it_points_to(tmp_path, monkeypatch):
+    d = _dirs(tmp_path / "var")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.csv"
+    secret.write_text("t_dat,customer_id,article_id,price,sales_channel_id\n" + SECRET + "\n")
+    fifo = outside / "pipe"
+    os.mkfifo(fifo)
+    (d["incoming"] / f"transactions_{corpus.BASE_WEEK}.csv").symlink_to(secret)
+    (d["incoming"] / "to_a_pipe.csv").symlink_to(fifo)
+    (d["incoming"] / "dangling.csv").symlink_to(outside / "missing.csv")
+
+    def never(*a, **k):
+        raise AssertionError(f"validated {a[0]}: a link must not be read")
+
+    monkeypatch.setattr(D, "validate_drop", never)
+    with _FifoWatch(lambda: [fifo]) as watch:  # following the second link would block on the pipe
+        res = D.process_incoming(d["incoming"], tmp_path / "warehouse", d["processed"], d["quarantine"],
+                                 corpus.RUN_DATE)
+    assert watch.opened == []
+    assert (res["accepted"], res["rejected"]) == (0, 3)
+    by = {o["file"]: o for o in res["drops"]}
+    out = by[f"transactions_{corpus.BASE_WEEK}.csv"]
+    assert (out["status"], out["failed_checks"], out["refused"], out["sha256"]) == (
+        "rejected", ["regular_file"], "symlink", None)
+    assert out["summary"].startswith(f"transactions_{corpus.BASE_WEEK}.csv was REJECTED without being read")
+    assert f"a symbolic link to {str(secret)!r}, not a regular file" in out["summary"]
+    # The link itself sits in quarantine, still a link to the same place; the target is untouched, not copied.
+    q = Path(out["quarantined_file"])
+    assert q.parent == Path(out["quarantine"]) and q.is_symlink() and os.readlink(q) == str(secret)
+    assert secret.read_text().endswith(SECRET + "\n") and not any(d["incoming"].glob("*.csv"))
+    report = json.loads(Path(out["report"]).read_text())
+    assert (report["status"], report["refused"], report["link_target"]) == ("rejected", "symlink", str(secret))
+    assert [c["check"] for c in report["checks"]] == ["regular_file"] and report["data_docs"] is None
+    assert by["to_a_pipe.csv"]["refused"] == by["dangling.csv"]["refused"] == "symlink"
+    # Nothing of the target's bytes anywhere: outcome, reports, quarantine, processed, warehouse.
+    assert SECRET not in json.dumps(res)
+    assert _regular_files_holding(tmp_path / "var", SECRET) == []
+    assert not (tmp_path / "warehouse").exists() and not any(d["processed"].iterdir())
+
+
+def test_a_fifo_and_a_directory_named_csv_are_rejected_not_skipped(tmp_path):
+    d = _dirs(tmp_path / "var")
+    os.mkfifo(d["incoming"] / "pipe.csv")
+    (d["incoming"] / "folder.csv").mkdir()
+    (d["incoming"] / "folder.csv" / "inside.txt").write_text("kept as is")
+    fifos = lambda: [d["incoming"] / "pipe.csv", *d["quarantine"].glob("*/pipe.csv")]  # noqa: E731
+    with _FifoWatch(fifos) as watch:
+        res = D.process_incoming(d["incoming"], tmp_path / "warehouse", d["processed"], d["quarantine"],
+                                 corpus.RUN_DATE)
+    assert watch.opened == [], "the FIFO was opened"
+    by = {o["file"]: o for o in res["drops"]}
+    assert res["rejected"] == 2 and {o["refused"] for o in by.values()} == {"fifo", "directory"}
+    assert "pipe.csv is a FIFO (named pipe), not a regular file" in by["pipe.csv"]["summary"]
+    assert "folder.csv is a directory, not a regular file" in by["folder.csv"]["summary"]
+    assert stat.S_ISFIFO(os.lstat(by["pipe.csv"]["quarantined_file"]).st_mode)
+    assert (Path(by["folder.csv"]["quarantined_file"]) / "inside.txt").read_text() == "kept as is"
+    assert Path(by["pipe.csv"]["quarantine"]).name.startswith("pipe-fifo-")
+    assert list(d["incoming"].glob("*.csv")) == []
+    with pytest.raises(D.DropsRejected, match="pipe.csv is a FIFO"):
+        raise D.DropsRejected(res)
+
+
+def test_an_entry_that_cannot_be_moved_stays_and_is_refused_again(tmp_path, monkeypatch):
+    d = _dirs(tmp_path / "var")
+    link = d["incoming"] / "x.csv"
+    link.symlink_to(tmp_path / "anywhere.csv")
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(D.os, "rename", cross_device)
+    runs = [D.process_incoming(d["incoming"], tmp_path / "wh", d["processed"], d["quarantine"], corpus.RUN_DATE)
+            for _ in range(2)]
+    first, second = (r["drops"][0] for r in runs)
+    assert link.is_symlink() and first["quarantined_file"] is None
+    assert "it was left in" in first["summary"] and "Remove it by hand" in first["summary"]
+    assert second["quarantine"] == first["quarantine"] and len(list(d["quarantine"].iterdir())) == 1
+    report = json.loads(Path(first["report"]).read_text())
+    assert report["left_in"] == str(link) and "cross-device" in report["move_error"]
+
+
+def test_a_lock_file_that_is_a_link_is_a_setup_error(tmp_path):
+    d = _dirs(tmp_path / "var")
+    target = tmp_path / "elsewhere"
+    (d["incoming"] / ".validate.lock").symlink_to(target)
+    with pytest.raises(D.ValidationSetupError, match="lock file"):
+        D.process_incoming(d["incoming"], tmp_path / "wh", d["processed"], d["quarantine"], corpus.RUN_DATE)
+    assert not target.exists()
+
+
+def test_cli_rejects_a_symlink_beside_a_clean_drop_and_fails(tiny, home, tmp_path, capsys):
+    """The CLI and the Airflow call both fail naming the link; the clean drop beside it is still ingested."""
+    from hm_recsys.cli import main
+    from hm_recsys.config import Settings
+
+    layout = Settings.from_env().layout
+    tiny.warehouse_copy(layout.warehouse_dir)
+    incoming = tmp_path / "drops"
+    incoming.mkdir()
+    secret = tmp_path / "secret.csv"
+    secret.write_text("t_dat,customer_id,article_id,price,sales_channel_id\n" + SECRET + "\n")
+    _put(incoming, f"transactions_{corpus.BASE_WEEK}.csv", _bases(tiny)["base"], 0)
+    (incoming / "transactions_2020-09-02.csv").symlink_to(secret)
+    rc = main(["validate", "--incoming", str(incoming), "--run-date", "2020-10-01", "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 1 and SECRET not in cap.out + cap.err
+    assert _regular_files_holding(home, SECRET) == []  # the old code quoted it in the quarantine report.json
+    out = json.loads(cap.out)
+    assert (out["accepted"], out["rejected"]) == (1, 1)
+    assert cap.err.startswith("transactions_2020-09-02.csv was REJECTED without being read")
+    assert "symbolic link" in cap.err and len(Warehouse(layout.warehouse_dir).part_files(corpus.BASE_WEEK)) == 1
+
+    layout.incoming_dir.mkdir(parents=True)
+    (layout.incoming_dir / "again.csv").symlink_to(secret)
+    with pytest.raises(D.DropsRejected, match="again.csv is a symbolic link") as e:
+        D.validate_incoming(dt.date(2020, 10, 1), fail_on_reject=True)
+    assert SECRET not in str(e.value) and e.value.result["drops"][0]["failed_checks"] == ["regular_file"]
+    assert _regular_files_holding(home, SECRET) == []

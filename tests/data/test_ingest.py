@@ -353,6 +353,39 @@ def test_process_incoming_oldest_first_with_an_accept_hook(raw, wh, tmp_path):
     assert Path(r["moved_to"]).name == f"a-{r['sha256'][:12]}.csv"
 
 
+def test_process_incoming_refuses_what_is_not_a_regular_file_unread(raw, wh, tmp_path, home, capsys):
+    """Links (even to a good drop), FIFOs and directories named *.csv are refused, never opened or followed."""
+    ingest_history(raw, wh, progress=False)
+    incoming, processed = tmp_path / "incoming", tmp_path / "processed"
+    incoming.mkdir()
+    good = tmp_path / "good.csv"
+    good.write_text(DROP)
+    (incoming / "link.csv").symlink_to(good)
+    os.mkfifo(incoming / "pipe.csv")  # opening it to read would block this test
+    (incoming / "dir.csv").mkdir()
+    (incoming / "w.csv").write_text(DROP)
+    refused = []
+    results = process_incoming(incoming, wh, processed, refuse=lambda p, kind, why: refused.append((p.name, kind)))
+    by = {Path(r["file"]).name: r for r in results}
+    assert {n: r["status"] for n, r in by.items()} == {
+        "link.csv": "refused", "pipe.csv": "refused", "dir.csv": "refused", "w.csv": "ingested"}
+    assert sorted(refused) == [("dir.csv", "directory"), ("link.csv", "symlink"), ("pipe.csv", "fifo")]
+    assert by["link.csv"]["reason"] == (f"link.csv is a symbolic link to {str(good)!r}, not a regular file; "
+                                        "it was neither opened nor followed")
+    assert (incoming / "link.csv").is_symlink() and (incoming / "pipe.csv").exists()  # no hook moved them
+    assert ingest.entry_kind(incoming / "pipe.csv") == "fifo" and ingest.entry_kind(good) == "file"
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "s.csv"))
+        assert ingest.entry_kind(tmp_path / "s.csv") == "socket"
+        assert ingest.refusal_reason(tmp_path / "s.csv", "socket").startswith("s.csv is a socket, not a regular")
+    # The CLI (no validation hook) says so and fails.
+    assert ingest.main(["--incoming", str(incoming), "--warehouse", str(wh), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"refused {incoming / 'pipe.csv'}: pipe.csv is a FIFO (named pipe)" in err and "link.csv" in err
+
+
 # --------------------------------------------------------------------------
 # Crash safety
 # --------------------------------------------------------------------------

@@ -12,6 +12,16 @@ validation hook):
   numbers), ``data_docs/`` (GX Data Docs HTML) and ``drift.png``. The command
   exits 1 and prints a one-paragraph summary per rejected drop on stderr.
 
+Only regular files are drops. An entry named ``*.csv`` that is anything else
+(a symbolic link, even to a good drop; a FIFO, socket, device or directory)
+is rejected without being read (failed check ``regular_file``): a link would
+make the worker validate, and quote in reports and Data Docs, whatever file
+it points to; a FIFO would block the run. The entry itself (a link stays a
+link, never its target's bytes) is renamed to
+``quarantine/<stem>-<kind>-<id12>/`` next to ``report.json``; if it cannot be
+renamed (another filesystem), it stays in incoming and is refused again next
+run. Either way the run fails like any rejection.
+
 Every drop, accepted or rejected, is also measured against the training
 window (``hm_recsys.data.drift``: prices, channels, category mix, new
 customers and articles) before it is ingested: the ``drift`` section of its
@@ -42,9 +52,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -57,6 +69,7 @@ from hm_recsys.data.validate import (
     GxRunner,
     ValidationConfig,
     ValidationSetupError,
+    declared_week,
     to_json,
     validate_drop,
     validate_history,
@@ -64,7 +77,8 @@ from hm_recsys.data.validate import (
 )
 from hm_recsys.layout import Layout
 
-__all__ = ["DropsRejected", "find_quarantined", "main", "process_incoming", "quarantine", "validate_incoming"]
+__all__ = ["DropsRejected", "find_quarantined", "main", "process_incoming", "quarantine", "refuse_entry",
+           "validate_incoming"]
 
 
 class DropsRejected(RuntimeError):
@@ -145,6 +159,103 @@ def quarantine(path: Path, report: DropReport, quarantine_dir: Path, runner: GxR
         "report": str(written["report"]),
         "data_docs": str(written["data_docs"]) if "data_docs" in written else None,
         **keys,
+    }
+
+
+_REGULAR_FILE_WHY = ("a drop must be a regular file: a link would make the worker read (and quote in reports) any "
+                     "file it points to, and a FIFO, socket, device or directory is no file to read")
+
+
+def refuse_entry(path: Path, kind: str, reason: str, quarantine_dir: Path, run_date: dt.date) -> dict:
+    """Quarantine an incoming entry that is not a regular file, without reading it; returns its outcome.
+
+    ``kind`` and ``reason``: ``ingest.entry_kind`` and ``ingest.refusal_reason``
+    of ``path``. Nothing is opened or followed: ``report.json`` (the failed check
+    ``regular_file``; ``sha256``, ``rows`` and ``bytes`` are null, since nothing
+    was read) is written to ``<quarantine_dir>/<stem>-<kind>-<id12>/``, then the
+    entry itself is renamed next to it (``os.rename`` moves a link, not its
+    target). ``id12`` hashes what ``lstat`` says of the entry, so another entry
+    of the same name gets another folder, and the same one refused again (left
+    in place) the same folder. If the rename fails, the entry stays where it is
+    and the report and summary say so. The outcome has ``_outcome``'s keys
+    (``status`` ``rejected``, ``failed_checks`` ``["regular_file"]``) plus
+    ``refused`` (``kind``).
+    """
+    from hm_recsys.data.ingest import ENTRY_KINDS
+
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+        ident = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+    except OSError:
+        ident = ""
+    target = None
+    if kind == "symlink":
+        try:
+            target = os.readlink(path)  # the link's own text, never the target's bytes
+        except OSError:
+            pass
+    token = hashlib.sha256(f"{kind}\0{path.name}\0{target}\0{ident}".encode()).hexdigest()
+    folder = Path(quarantine_dir) / f"{path.stem}-{kind.replace('_', '-')}-{token[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / path.name
+    check = CheckResult("regular_file", "drop", "transactions", FAILED, _REGULAR_FILE_WHY, detail=reason)
+    day, _ = declared_week(path.name)
+
+    def write(moved: bool, error: str | None) -> str:
+        summary = f"{path.name} was REJECTED without being read: 1 of 1 checks failed: regular_file ({reason})."
+        if moved:
+            noun = ENTRY_KINDS[kind].split(" ", 1)[1]  # "symbolic link", "FIFO (named pipe)", ...
+            summary += f" The {noun} itself was moved, as is, to {folder}/ next to report.json."
+        else:
+            summary += (f" It could not be moved without reading it ({error}), so it was left in {path.parent}/ "
+                        f"and will be refused again; its report is in {folder}/. Remove it by hand.")
+        summary += " Put the drop's own bytes into incoming as a regular file (write it elsewhere, then rename it in)."
+        report = {
+            "file": path.name, "path": str(path), "sha256": None, "bytes": None, "table": "transactions",
+            "declared_week": day.isoformat() if day else None, "run_date": run_date.isoformat(),
+            "status": "rejected", "refused": kind, "link_target": target, "rows": None, "lines": None,
+            "failed_checks": ["regular_file"], "skipped_checks": [], "summary": summary,
+            "checks": [check.to_dict()],
+            "quarantined_file": str(dest) if moved else None, "left_in": None if moved else str(path),
+            "move_error": error, "data_docs": None, "data_docs_note": "GX did not run: the entry was not read",
+        }
+        tmp = folder / ".report.json.tmp"
+        tmp.write_text(to_json(report) + "\n", encoding="utf-8")
+        tmp.replace(folder / "report.json")
+        return summary
+
+    # The report first, the entry last (as ``quarantine`` does): a folder without its entry is then
+    # an interrupted quarantine, never an entry without its report.
+    summary = write(True, None)
+    moved, error = True, None
+    try:
+        if os.path.lexists(dest):
+            raise FileExistsError(f"{dest} already exists")
+        os.rename(path, dest)  # never a copy: copying would read it
+    except OSError as exc:
+        moved, error = False, f"{type(exc).__name__}: {exc}"
+        summary = write(False, error)
+    return {
+        "file": path.name,
+        "sha256": None,
+        "week": day.isoformat() if day else None,
+        "status": "rejected",
+        "rows": None,
+        "failed_checks": ["regular_file"],
+        "skipped_checks": [],
+        "ingest": None,
+        "moved_to": None,
+        "quarantine": str(folder),
+        "quarantined_file": str(dest) if moved else None,
+        "report": str(folder / "report.json"),
+        "data_docs": None,
+        "already_quarantined": False,
+        "drift_verdict": None,
+        "drift_report": None,
+        "drift_plot": None,
+        "refused": kind,
+        "summary": summary,
     }
 
 
@@ -282,8 +393,11 @@ def process_incoming(
     "already_quarantined", "drift_verdict":
     "ok"|"warn"|"drift"|"no-reference"|"no-data"|"error", "drift_report",
     "drift_plot", "summary"}`` (paths as strings; ``report`` and
-    ``drift_report`` are the same ``report.json``). Raises
-    ``ValidationSetupError`` if the warehouse has no catalogue yet.
+    ``drift_report`` are the same ``report.json``). An entry that is not a
+    regular file is rejected unread (``refuse_entry``): its outcome adds
+    ``"refused": kind`` and has no sha256, rows or drift. Raises
+    ``ValidationSetupError`` if the warehouse has no catalogue yet (and a
+    drop needs validating) or the lock file is not a regular file.
     """
     from tqdm.auto import tqdm
 
@@ -301,10 +415,14 @@ def process_incoming(
     reports: dict[str, DropReport] = {}
     drifts: dict[str, dict] = {}
     # Two runs at once (a double-triggered DAG) would validate and move the same files: the second waits.
-    lock = open(incoming_dir / ".validate.lock", "a")  # noqa: SIM115 (held until the end of the function)
+    lock = _open_lock(incoming_dir / ".validate.lock")
     fcntl.flock(lock, fcntl.LOCK_EX)
-    total = sum(1 for p in incoming_dir.glob("*.csv") if p.is_file())
+    total = sum(1 for _ in incoming_dir.glob("*.csv"))
     bar = tqdm(total=total, desc="validate drops", unit="drop", disable=not progress, leave=False)
+
+    def refuse(path: Path, kind: str, reason: str) -> None:
+        bar.update(1)
+        outcomes[path.name] = refuse_entry(path, kind, reason, quarantine_dir, run_date)
 
     def accept(path: Path) -> bool:
         bar.update(1)
@@ -353,7 +471,7 @@ def process_incoming(
         while True:
             try:
                 results = ingest.process_incoming(
-                    incoming_dir, warehouse_dir, processed_dir, accept=accept, progress=False
+                    incoming_dir, warehouse_dir, processed_dir, accept=accept, progress=False, refuse=refuse
                 )
                 break
             except IngestError as exc:
@@ -393,6 +511,21 @@ def process_incoming(
         "rejected": sum(d["status"] == "rejected" for d in drops),
         "drops": drops,
     }
+
+
+def _open_lock(path: Path):
+    """The incoming folder's lock file, opened for appending (held until closed). Never through a link, and
+    never blocking on a FIFO in its place: either is a ``ValidationSetupError`` naming the file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise ValidationSetupError(
+            f"cannot open the lock file {path} ({exc.strerror}): it must be a regular file (a link is not "
+            "followed, a FIFO not opened); remove it and run again") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValidationSetupError(f"the lock file {path} is not a regular file; remove it and run again")
+    return os.fdopen(fd, "a")
 
 
 def _drift_config() -> DriftConfig | None:

@@ -40,6 +40,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -56,15 +57,18 @@ from hm_recsys.fsutil import file_sha256
 from hm_recsys.layout import WarehouseLayout
 
 __all__ = [
+    "ENTRY_KINDS",
     "IngestError",
     "drop_source",
     "export_csv",
+    "entry_kind",
     "file_sha256",
     "ingest_drop",
     "ingest_history",
     "main",
     "process_incoming",
     "read_ledger",
+    "refusal_reason",
     "warehouse_schema",
 ]
 
@@ -829,12 +833,50 @@ def ingest_drop(csv_path: Path, warehouse_dir: Path, progress: bool = False) -> 
     }
 
 
+# The kinds of incoming entries that are not regular files (``entry_kind``), in words.
+ENTRY_KINDS = {
+    "symlink": "a symbolic link",
+    "directory": "a directory",
+    "fifo": "a FIFO (named pipe)",
+    "socket": "a socket",
+    "char_device": "a character device",
+    "block_device": "a block device",
+    "other": "a special file",
+}
+
+
+def entry_kind(path: Path) -> str:
+    """``"file"`` for a regular file, else a key of ``ENTRY_KINDS`` (``"symlink"``, ``"fifo"``, ...).
+
+    Looks at the entry itself (``os.lstat``): a link is never followed and
+    nothing is opened, so neither can a FIFO block nor a link make the caller
+    read what it points to. Raises ``FileNotFoundError`` if the entry is gone.
+    """
+    mode = os.lstat(path).st_mode
+    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "char_device"),
+                       (stat.S_ISBLK, "block_device")):
+        if test(mode):
+            return kind
+    return "other"
+
+
+def refusal_reason(path: Path, kind: str) -> str:
+    """Why the entry ``path`` of kind ``kind`` (not ``"file"``) is no drop, naming it: one sentence."""
+    what = ENTRY_KINDS[kind]
+    if kind == "symlink":
+        with contextlib.suppress(OSError):  # the link's own text, never its target's bytes
+            what += f" to {os.readlink(path)!r}"
+    return f"{Path(path).name} is {what}, not a regular file; it was neither opened nor followed"
+
+
 def process_incoming(
     incoming_dir: Path,
     warehouse_dir: Path,
     processed_dir: Path | None = None,
     accept: Callable[[Path], bool] | None = None,
     progress: bool = False,
+    refuse: Callable[[Path, str, str], None] | None = None,
 ) -> list[dict]:
     """Ingest every ``*.csv`` in ``incoming_dir``, oldest first (mtime, then name).
 
@@ -846,9 +888,16 @@ def process_incoming(
     layout's ``data/processed``), renamed ``<stem>-<sha12>.csv`` if a different
     file of that name is already there.
 
-    Returns one dict per file: ``{"file": str, "status": "ingested" | "duplicate" | "rejected", ...}``
-    with ``ingest_drop``'s fields and ``"moved_to"`` for accepted files.
-    Raises ``IngestError`` on the first malformed file (it stays in place; files after it wait).
+    Only regular files are drops. Any other entry named ``*.csv`` (a symbolic
+    link, even to a regular file; a FIFO, socket, device or directory) is
+    ``"refused"`` without being opened or followed (``entry_kind``, checked
+    just before the entry's turn): ``refuse(path, kind, reason)`` runs (the hook
+    may move it away), otherwise it stays in ``incoming_dir``.
+
+    Returns one dict per entry: ``{"file": str, "status": "ingested" | "duplicate" | "rejected" | "refused",
+    ...}`` with ``ingest_drop``'s fields and ``"moved_to"`` for accepted files, ``"kind"`` and ``"reason"``
+    for refused entries. Raises ``IngestError`` on the first malformed file (it stays in place; files after
+    it wait).
     """
     incoming_dir = Path(incoming_dir)
     if not incoming_dir.is_dir():
@@ -858,12 +907,23 @@ def process_incoming(
 
         processed_dir = Settings.from_env().layout.processed_dir
     processed_dir = Path(processed_dir)
-    files = sorted(
-        (p for p in incoming_dir.glob("*.csv") if p.is_file()),
-        key=lambda p: (p.stat().st_mtime_ns, p.name),
-    )
+    entries = []
+    for p in incoming_dir.glob("*.csv"):
+        with contextlib.suppress(FileNotFoundError):  # gone since the listing: nothing to take in
+            entries.append((p.lstat().st_mtime_ns, p.name, p))  # lstat: a link's own time, never its target's
     results = []
-    for f in files:
+    for _, _, f in sorted(entries):
+        try:
+            # Looked at again now: validating the drops before it may have taken minutes.
+            kind = entry_kind(f)
+        except FileNotFoundError:
+            continue
+        if kind != "file":
+            reason = refusal_reason(f, kind)
+            results.append({"file": str(f), "status": "refused", "kind": kind, "reason": reason})
+            if refuse is not None:
+                refuse(f, kind, reason)
+            continue
         if accept is not None and not accept(f):
             results.append({"file": str(f), "status": "rejected"})
             continue
@@ -959,7 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="ingest one weekly drop (transactions format), once per content hash")
     what.add_argument("--incoming", nargs="?", const=_DEFAULT, metavar="DIR",
                       help="ingest every *.csv in DIR (default: $HM_RECSYS_HOME/data/incoming), oldest first, "
-                      "and move them to $HM_RECSYS_HOME/data/processed")
+                      "and move them to $HM_RECSYS_HOME/data/processed; an entry that is not a regular file (a "
+                      "link, a FIFO, a directory...) is refused, not read, and exits 1")
     parser.add_argument("--warehouse", metavar="DIR", help="warehouse folder (default: $HM_RECSYS_HOME/data/warehouse)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -982,7 +1043,11 @@ def main(argv: list[str] | None = None) -> int:
                 incoming.mkdir(parents=True, exist_ok=True)  # nothing arrived yet is not an error
             results = process_incoming(incoming, warehouse, layout.processed_dir, progress=progress)
             report = {"files": results}
-            rc = 1 if any(r["status"] == "rejected" for r in results) else 0
+            for r in results:
+                if r["status"] == "refused":
+                    print(f"hm-recsys ingest: refused {r['file']}: {r['reason']} (it was left in place)",
+                          file=sys.stderr)
+            rc = 1 if any(r["status"] in ("rejected", "refused") for r in results) else 0
     except (IngestError, FileNotFoundError) as exc:
         print(f"hm-recsys ingest: error: {exc}", file=sys.stderr)
         return 1
