@@ -33,7 +33,7 @@ import pandas as pd  # resolved at runtime: MLflow reads predict()'s type hints
 
 if TYPE_CHECKING:
     from hm_recsys.config import Settings
-    from hm_recsys.train import EpochLog
+    from hm_recsys.training.epochs import EpochLog
 
 MODEL_ARTIFACT = "model"  # name of the logged model inside a run (runs:/<run_id>/model)
 BUNDLE_ARTIFACT = "bundle"  # key of the bundle folder in the pyfunc's artifacts

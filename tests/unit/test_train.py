@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hm_recsys import train as T
+from hm_recsys.training import dataset
 from hm_recsys.features import FeatureConfig
 from hm_recsys.model import ModelConfig
 
@@ -79,7 +80,7 @@ def test_equal_pairs_exact():
 
 
 def test_dedupe_keeps_first_of_each_pair():
-    keep = T._dedupe(np.array([0, 1, 0, 0, 1]), np.array([4, 4, 4, 5, 4]))
+    keep = dataset._dedupe(np.array([0, 1, 0, 0, 1]), np.array([4, 4, 4, 5, 4]))
     assert keep.tolist() == [0, 1, 3]
 
 
@@ -154,7 +155,7 @@ def test_prepare_writes_one_shard_per_training_week_without_future_rows(tiny_pre
     assert len(prep.shards) == split.train_weeks
     total = 0
     for path in prep.shards:
-        cust, art, hist, raw = T._load_shard(path)
+        cust, art, hist, raw = dataset._load_shard(path)
         week = hist.as_of
         assert split.train_start <= week < split.train_end and raw.as_of == week
         # history days are all strictly before the week: days_ago >= 1
@@ -179,13 +180,13 @@ def test_batches_put_positives_first_and_logq_is_log_expected_count(tiny_prep):
     assert batch.cand_cats.shape[0] == np.unique(batch.cand_rows).size
     # log Q = log(B * q_week(a) + M / N), q_week from the shard the batch came from
     shard = next(p for p in prep.shards if _is_from(p, batch))
-    _, art, _, _ = T._load_shard(shard)
+    _, art, _, _ = dataset._load_shard(shard)
     q = np.bincount(art, minlength=n) / art.size
     assert np.allclose(batch.log_q, np.log(b * q[batch.cand_rows] + m / n), rtol=1e-5)
 
 
 def _is_from(path, batch) -> bool:
-    cust, art, _, _ = T._load_shard(path)
+    cust, art, _, _ = dataset._load_shard(path)
     pairs = set(zip(cust.tolist(), art.tolist()))
     return all(p in pairs for p in zip(batch.customer_rows.tolist(), batch.cand_rows[:8].tolist()))
 
