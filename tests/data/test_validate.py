@@ -18,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hm_recsys.data import schema
 from hm_recsys.data import validate as V
+from hm_recsys.data.validation import structure
+from hm_recsys.data.validation.suites.header import column_diff
 from tests.data.bad_inputs import corpus
 from tests.data.bad_inputs.fixtures import tiny_drops
 
 RUN = dt.date(2020, 10, 1)
-T_HEADER = list(V.schema.TRANSACTION_COLUMNS)
+T_HEADER = list(schema.TRANSACTION_COLUMNS)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,8 @@ def _failed(report) -> set[str]:
 # Structure: bytes in, bad lines out (plain Python, no GX)
 # --------------------------------------------------------------------------
 def _scan(data: bytes, at_eof: bool = True):
-    f = V._Findings("transactions", 10)
-    good, lines = V._scan_plain_block(data, 2, ["a", "b", "c"], at_eof, f)
+    f = structure.Findings("transactions", 10)
+    good, lines = structure.scan_plain_block(data, 2, ["a", "b", "c"], at_eof, f)
     return good, lines.tolist(), {k: [e["line"] for e in r.examples] for k, r in f.found.items()}, f
 
 
@@ -70,7 +73,7 @@ def test_read_plain_file_structure(tmp_path):
     def read(data: bytes):
         p = tmp_path / "t.csv"
         p.write_bytes(data)
-        r = V._read_plain_file(p, "transactions", 5)
+        r = structure.read_plain_file(p, "transactions", 5)
         return r, {c.check: c.status for c in r.findings.results(r.lines)}
 
     r, st = read(b"")
@@ -91,7 +94,7 @@ def test_read_plain_file_structure(tmp_path):
 def test_read_quoted_file_numbers_lines_across_quoted_newlines(tmp_path):
     p = tmp_path / "articles.csv"
     p.write_bytes(b'a,b,c\n1,"two\nlines",3\n4,5\n6,7,8\n9,"x')
-    r = V._read_quoted_file(p, "articles", 5)
+    r = structure.read_quoted_file(p, "articles", 5)
     assert r.frame.index.tolist() == [2, 5]
     assert r.frame.loc[2].tolist() == ["1", "two\nlines", "3"]
     assert {k: [e["line"] for e in v.examples] for k, v in r.findings.found.items()} == {
@@ -123,7 +126,7 @@ def test_scan_splits_rfc4180_quoted_lines():
         "2 fields, the header has 3",
     ]
     assert f.found["truncated_last_line"].examples[0]["detail"].endswith("(a quoted field is not closed on this line)")
-    frame = V._parse_plain(good, ["a", "b", "c"], np.asarray(lines))
+    frame = structure.parse_plain(good, ["a", "b", "c"], np.asarray(lines))
     assert frame.values.tolist() == [["1", "2", "3"], ["1", "a,b", "3"], ["1", 'say "hi"', "3"], ["1", 'a"b', "3"]]
 
 
@@ -133,7 +136,7 @@ def test_a_carriage_return_inside_a_line_is_a_malformed_line_not_a_crash(tmp_pat
     assert (lines, found) == ([2, 6, 7], {"field_count": [3, 4, 5]})
     assert {e["detail"] for e in f.found["field_count"].examples} == {"cannot be split into fields: a carriage "
                                                                       "return (\\r) inside the line"}
-    assert V._parse_plain(good, ["a", "b", "c"], np.asarray(lines)).index.tolist() == [2, 6, 7]
+    assert structure.parse_plain(good, ["a", "b", "c"], np.asarray(lines)).index.tolist() == [2, 6, 7]
 
 
 def test_a_quoted_rfc4180_drop_reads_as_the_plain_one(tmp_path):
@@ -142,8 +145,8 @@ def test_a_quoted_rfc4180_drop_reads_as_the_plain_one(tmp_path):
     quoted = b'"2020-09-23","c","0663713001","0.5","2"\n'
     (tmp_path / "plain.csv").write_bytes(header + row * 2)
     (tmp_path / "quoted.csv").write_bytes(b",".join(b'"%s"' % c.encode() for c in T_HEADER) + b"\n" + quoted * 2)
-    plain = V._read_plain_file(tmp_path / "plain.csv", "transactions", 5)
-    got = V._read_plain_file(tmp_path / "quoted.csv", "transactions", 5)
+    plain = structure.read_plain_file(tmp_path / "plain.csv", "transactions", 5)
+    got = structure.read_plain_file(tmp_path / "quoted.csv", "transactions", 5)
     assert {c.status for c in got.findings.results(got.lines)} == {"passed"}
     assert got.header.fields == T_HEADER and got.frame.equals(plain.frame)
 
@@ -156,7 +159,7 @@ def test_blank_lines_ending_a_file_are_no_rows(tmp_path, tail):
 
     def read(data: bytes):
         p.write_bytes(data)
-        r = V._read_plain_file(p, "transactions", 5)
+        r = structure.read_plain_file(p, "transactions", 5)
         return r, {k: [e["line"] for e in v.examples] for k, v in r.findings.found.items()}
 
     r, found = read(header + row + row + tail)
@@ -168,7 +171,7 @@ def test_blank_lines_ending_a_file_are_no_rows(tmp_path, tail):
     assert found == {"header_only": [1]} and r.frame is None
     # articles.csv (quoted newlines allowed) follows the same rule.
     p.write_bytes(b'a,b,c\n1,"two\nlines",3\n' + tail)
-    r = V._read_quoted_file(p, "articles", 5)
+    r = structure.read_quoted_file(p, "articles", 5)
     assert r.findings.found == {} and r.frame.index.tolist() == [2]
 
 
@@ -177,13 +180,13 @@ def test_history_blocks_tell_blank_lines_that_end_the_file_from_blank_lines_betw
     """Read in blocks (the history), blank lines at the end are still no rows, wherever a block ends."""
     row = b"2020-09-23,c,0663713001,0.5,2\n"
     body = row * 3 + b"\n" + row + b"\n\r\n\n"  # line 5: blank between rows; 7..9: the blank end
-    blocks = list(V._iter_blocks(io.BytesIO(body), block))
+    blocks = list(structure.iter_blocks(io.BytesIO(body), block))
     assert b"".join(b for b, _ in blocks) == body and [e for _, e in blocks][-1] is True
     assert not any(e for _, e in blocks[:-1])
-    f, line, kept = V._Findings("transactions", 10), 2, []
+    f, line, kept = structure.Findings("transactions", 10), 2, []
     for data, at_eof in blocks:
-        _, lines = V._scan_plain_block(data, line, T_HEADER, at_eof, f)
-        line += V._lines_in(data)
+        _, lines = structure.scan_plain_block(data, line, T_HEADER, at_eof, f)
+        line += structure.lines_in(data)
         kept += lines.tolist()
     assert kept == [2, 3, 4, 6] and {k: [e["line"] for e in v.examples] for k, v in f.found.items()} == {
         "field_count": [5]}
@@ -203,10 +206,10 @@ def test_declared_week():
 
 def test_column_diff_names_what_changed():
     exp = ("a", "b", "c")
-    assert V._column_diff(["a", "c"], exp) == "missing: b (expected a,b,c)"
-    assert V._column_diff(["a", "x", "c"], exp) == "renamed: 'b' -> 'x' (expected a,b,c)"
-    assert V._column_diff(["a", "b", "c", "d"], exp) == "unexpected: d (expected a,b,c)"
-    assert V._column_diff(["b", "a", "c"], exp) == "reordered: got b,a,c (expected a,b,c)"
+    assert column_diff(["a", "c"], exp) == "missing: b (expected a,b,c)"
+    assert column_diff(["a", "x", "c"], exp) == "renamed: 'b' -> 'x' (expected a,b,c)"
+    assert column_diff(["a", "b", "c", "d"], exp) == "unexpected: d (expected a,b,c)"
+    assert column_diff(["b", "a", "c"], exp) == "reordered: got b,a,c (expected a,b,c)"
 
 
 def test_config_rejects_nonsense():
@@ -320,7 +323,7 @@ def _week_counts(path: Path) -> dict[str, int]:
     for ln in path.read_bytes().split(b"\n")[1:]:
         if ln:
             d = dt.date.fromisoformat(ln[:10].decode())
-            w = V.schema.week_start(d).isoformat()
+            w = schema.week_start(d).isoformat()
             counts[w] = counts.get(w, 0) + 1
     return counts
 
@@ -359,7 +362,7 @@ def test_history_failures_name_tables_weeks_and_lines(tiny, tmp_path):
     # transactions: an unknown article on line 100, a non-UTF-8 byte on line 200, week 20 sent 10 times
     tx = (raw / "transactions_train.csv").read_bytes().split(b"\n")
     spiked = sorted(_week_counts(tiny.raw / "transactions_train.csv"))[20]
-    in_spiked = [i for i, ln in enumerate(tx[1:], 1) if ln and V.schema.week_start(
+    in_spiked = [i for i, ln in enumerate(tx[1:], 1) if ln and schema.week_start(
         dt.date.fromisoformat(ln[:10].decode())).isoformat() == spiked]
     rows = [tx[i] for i in in_spiked]
     assert in_spiked[0] > 200  # the edits below come before the spike, so their line numbers hold
