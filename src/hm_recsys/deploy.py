@@ -47,7 +47,10 @@ class DeployError(RuntimeError):
 
 
 def default_url() -> str:
-    return f"http://127.0.0.1:{os.environ.get('HM_RECSYS_SERVE_PORT') or 3000}"
+    """Where tasks reach the running service: ``HM_RECSYS_SERVICE_URL`` (e.g. ``http://serve:3000`` between
+    containers), else this host's ``127.0.0.1:$HM_RECSYS_SERVE_PORT``. (``HM_RECSYS_SERVE_URL`` is the
+    address a browser opens, for the Airflow plugin's links; the two differ behind Docker's network.)"""
+    return os.environ.get("HM_RECSYS_SERVICE_URL") or f"http://127.0.0.1:{os.environ.get('HM_RECSYS_SERVE_PORT') or 3000}"
 
 
 def repo_root() -> Path:

@@ -26,6 +26,7 @@ a whole run at a temporary directory by building ``Layout(tmp_path)``.
       airflow/                        AIRFLOW_HOME (DB, logs)
       bentoml/                        BENTOML_HOME
       runs/                           scratch space for stage outputs, keyed by run id
+      locks/                          flock files: one writer of the registry's aliases / served states
       models/<version>/bundle/        local copies of registered versions (fetched from MLflow)
       models/<version>/served/<as_of>/  served states of a version (built here or fetched from MLflow)
 """
@@ -39,12 +40,43 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Layout:
+    """Paths under the runtime folder ``home``; ``data_root`` moves the parts hosts share.
+
+    On one machine both are the same folder. With workers on several hosts
+    (CeleryExecutor, docs/operations.md) ``data_root`` is the one shared
+    folder: ``data/`` (incoming drops, warehouse, quarantine, reports),
+    ``runs/`` (a pipeline run's snapshot and gate states, which later tasks of
+    the run read on whichever worker they land) and ``locks/``. Everything
+    else under ``home`` is private to the host: caches of what MLflow serves
+    (``models/``), Airflow's and BentoML's homes, the embedded sqlite MLflow.
+    """
+
     home: Path
+    data_root: Path | None = None
+
+    @property
+    def shared(self) -> Path:
+        """The folder every host sees: ``data_root``, or ``home`` on a single machine."""
+        return self.data_root or self.home
+
+    def to_shared(self, path: str | Path) -> str:
+        """``path`` relative to the shared root, for XCom: it names the same file on every host."""
+        path = Path(path)
+        try:
+            return path.resolve().relative_to(self.shared.resolve()).as_posix()
+        except ValueError:
+            raise ValueError(f"{path} is not under the shared data root {self.shared}; only paths there "
+                             "mean the same on another worker") from None
+
+    def from_shared(self, path: str | Path) -> Path:
+        """The local path of a ``to_shared`` path (an absolute path is returned as is)."""
+        path = Path(path)
+        return path if path.is_absolute() else self.shared / path
 
     # -- data -------------------------------------------------------------
     @property
     def data_dir(self) -> Path:
-        return self.home / "data"
+        return self.shared / "data"
 
     @property
     def raw_dir(self) -> Path:
@@ -86,7 +118,12 @@ class Layout:
 
     @property
     def runs_dir(self) -> Path:
-        return self.home / "runs"
+        return self.shared / "runs"
+
+    @property
+    def locks_dir(self) -> Path:
+        """``flock`` files of the registry's writers; shared, so writers on two hosts exclude each other."""
+        return self.shared / "locks"
 
     @property
     def models_dir(self) -> Path:

@@ -2,7 +2,10 @@
 
 Each step is a transaction over explicit inputs: it takes small JSON-able
 dicts (ids, paths, the run's params), reads and writes fixed locations derived
-from them, and returns a small dict for the next step. Nothing here reads
+from them, and returns a small dict for the next step. Paths in those dicts
+are relative to the shared data root (``Layout.to_shared``), so the next step
+finds the same files on whichever worker host it runs; models and served
+states travel through MLflow. Nothing here reads
 "now" or "latest": the split comes from the params or the warehouse, and each
 step is safe to retry (it finds and returns what an earlier attempt made).
 
@@ -12,6 +15,7 @@ the whole flow also runs without Airflow.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -19,7 +23,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from hm_recsys.config import Settings
@@ -95,7 +99,7 @@ def check_data(params: Mapping, run_id: str, settings: Settings | None = None) -
         print(f"note: the features look back {lookback['weeks_wanted']} weeks before the training window, the "
               f"warehouse holds {lookback['weeks_available']} (it starts {lookback['first_week']}); "
               f"recorded as the run's lookback")
-    return {"split": split.to_dict(), "warehouse": str(wh.root), "lookback": lookback}
+    return {"split": split.to_dict(), "warehouse": settings.layout.to_shared(wh.root), "lookback": lookback}
 
 
 def feature_lookback(wh: Warehouse, split: Split, history_weeks: int) -> dict:
@@ -141,7 +145,7 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
     """
     settings = settings or Settings.from_env()
     split = Split.from_dict(checked["split"])
-    src = Warehouse(checked["warehouse"])
+    src = Warehouse(settings.layout.from_shared(checked["warehouse"]))
     dst_root = settings.layout.run_dir(run_key(run_id)) / "snapshot"
     manifest_path = dst_root / SNAPSHOT_MANIFEST
     if manifest_path.exists():
@@ -167,7 +171,7 @@ def build_snapshot(checked: Mapping, run_id: str, settings: Settings | None = No
             digest.update(f"{d.relative_to(tmp)}\0{file_sha256(d)}\n".encode())
         out = {
             "split": split.to_dict(),
-            "warehouse": str(dst_root),
+            "warehouse": settings.layout.to_shared(dst_root),
             "data_hash": digest.hexdigest(),
             "files": len(files),
             "lookback": checked.get("lookback"),
@@ -186,18 +190,25 @@ def _overrides(params: Mapping) -> list[str]:
 
 
 def _finished_run(settings: Settings, run_id: str):
-    """The finished MLflow training run an earlier attempt of this pipeline run made, if any."""
+    """The finished MLflow training run an earlier attempt of this pipeline run made, if any.
+
+    An attempt that died without ending its run (its worker was killed, its
+    host lost) left it RUNNING for ever: such runs are closed as KILLED here,
+    so the experiment shows one finished run per pipeline run, not ghosts.
+    """
     import mlflow
 
     from hm_recsys import tracking
 
     exp_id = tracking.configure(settings)
     runs = mlflow.search_runs(
-        experiment_ids=[exp_id],
-        filter_string=f"tags.airflow_run_id = '{run_id}' and attributes.status = 'FINISHED'",
-        output_format="list",
-    )
-    return runs[0] if runs else None
+        experiment_ids=[exp_id], filter_string=f"tags.airflow_run_id = '{run_id}'", output_format="list")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    for r in runs:
+        if r.info.status == "RUNNING":
+            print(f"closing MLflow run {r.info.run_id} of an earlier attempt that never ended (KILLED)")
+            mlflow.MlflowClient(settings.mlflow_tracking_uri).set_terminated(r.info.run_id, "KILLED")
+    return finished[0] if finished else None
 
 
 def train(snapshot: Mapping, params: Mapping, run_id: str, settings: Settings | None = None,
@@ -206,7 +217,7 @@ def train(snapshot: Mapping, params: Mapping, run_id: str, settings: Settings | 
     import mlflow
 
     from hm_recsys import train as training
-    from hm_recsys.registry import BUNDLE_ARTIFACT
+    from hm_recsys.registry import BUNDLE_ARTIFACT, flatten_download
 
     settings = settings or Settings.from_env()
     split = Split.from_dict(snapshot["split"])
@@ -215,13 +226,18 @@ def train(snapshot: Mapping, params: Mapping, run_id: str, settings: Settings | 
         mlflow_run_id = done.info.run_id
         bundle_dir = settings.layout.bundle_dir(mlflow_run_id)
         print(f"reusing finished MLflow run {mlflow_run_id} of this pipeline run")
+        if not bundle_dir.is_dir():  # the run's artifact is the source of truth
+            with staged_dir(bundle_dir) as tmp:
+                mlflow.artifacts.download_artifacts(run_id=mlflow_run_id, artifact_path=BUNDLE_ARTIFACT,
+                                                    dst_path=str(tmp), tracking_uri=settings.mlflow_tracking_uri)
+                flatten_download(tmp, BUNDLE_ARTIFACT)
         model_uri = done.data.tags.get("model_uri", "")
     else:
         config = training.load_config(params.get("config"), overrides=_overrides(params))
         result = training.run_training(
             settings, config, split=split, run_name=f"retrain {run_key(run_id)}",
             tags={"airflow_run_id": run_id, "snapshot_sha256": snapshot["data_hash"]},
-            progress=progress, warehouse=snapshot["warehouse"],
+            progress=progress, warehouse=settings.layout.from_shared(snapshot["warehouse"]),
         )
         print(result.table)
         mlflow_run_id, bundle_dir, model_uri = result.run_id, result.bundle_dir, result.model_uri
@@ -231,7 +247,7 @@ def train(snapshot: Mapping, params: Mapping, run_id: str, settings: Settings | 
             mlflow.set_tag("model_uri", model_uri)
     return {
         "mlflow_run_id": mlflow_run_id,
-        "bundle_dir": str(bundle_dir),
+        "bundle_dir": settings.layout.to_shared(bundle_dir),
         "model_uri": model_uri,
         "split": split.to_dict(),
         "warehouse": snapshot["warehouse"],
@@ -240,27 +256,47 @@ def train(snapshot: Mapping, params: Mapping, run_id: str, settings: Settings | 
 
 
 # -- register ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _tracking_server(settings: Settings, doing: str) -> Iterator[None]:
+    """Turn "MLflow does not answer" into one clear error naming the server (the task's retry is the remedy)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        text = str(e)
+        if not any(s in text for s in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                                       "Read timed out", "503 Server Error", "502 Server Error")):
+            raise
+        raise PipelineError(f"cannot {doing}: the MLflow tracking server {settings.mlflow_tracking_uri} does not "
+                            f"answer ({text.splitlines()[0][:300]}). Start the server (or fix MLFLOW_TRACKING_URI) "
+                            "and retry the task: a retry cannot register twice (the version is created with "
+                            "the Airflow run id as its key, in one request).") from e
+
+
 def register(trained: Mapping, run_id: str, settings: Settings | None = None) -> dict:
     """Register the run's model (alias challenger); the Airflow run id makes it idempotent."""
     from hm_recsys.registry import Registry
 
-    reg = Registry(settings)
+    settings = settings or Settings.from_env()
     split = Split.from_dict(trained["split"])
-    v = reg.register(
-        trained["mlflow_run_id"],
-        model_uri=trained.get("model_uri") or None,
-        idempotency_key=run_id,
-        tags={
-            "airflow_run_id": run_id,
-            "data_window": split.describe(),
-            "holdout_start": split.holdout_start.isoformat(),
-            # the towers and the fusion learnt from transactions strictly before this date
-            TRAINED_UNTIL_TAG: split.holdout_start.isoformat(),
-            "data_sha256": trained["data_hash"],
-            "bundle_artifact": "bundle",
-        },
-    )
-    print(f"registered {reg.name} version {v.version} (alias challenger) from run {trained['mlflow_run_id']}")
+    with _tracking_server(settings, "register the model version"):
+        v = Registry(settings).register(
+            trained["mlflow_run_id"],
+            model_uri=trained.get("model_uri") or None,
+            idempotency_key=run_id,
+            tags={
+                "airflow_run_id": run_id,
+                "data_window": split.describe(),
+                "holdout_start": split.holdout_start.isoformat(),
+                # the towers and the fusion learnt from transactions strictly before this date
+                TRAINED_UNTIL_TAG: split.holdout_start.isoformat(),
+                "data_sha256": trained["data_hash"],
+                "bundle_artifact": "bundle",
+            },
+        )
+    print(f"registered {settings.registered_model_name} version {v.version} (alias challenger) "
+          f"from run {trained['mlflow_run_id']}")
     return {**trained, "version": v.version}
 
 
@@ -293,15 +329,16 @@ def build_index(registered: Mapping, run_id: str, settings: Settings | None = No
     settings = settings or Settings.from_env()
     version = str(registered["version"])
     split = Split.from_dict(registered["split"])
-    wh = Warehouse(registered["warehouse"])
+    wh = Warehouse(settings.layout.from_shared(registered["warehouse"]))
     truth = ev.holdout_truth(wh, split)
     out = settings.layout.run_dir(run_key(run_id)) / "gate" / f"v{version}"
-    state = _gate_state(Path(registered["bundle_dir"]), version, wh, split, list(truth.customer_ids), out)
+    state = _gate_state(settings.layout.from_shared(registered["bundle_dir"]), version, wh, split,
+                        list(truth.customer_ids), out)
     facts = describe(state)
     print(f"served state of version {version} as of {state.as_of}: {facts['n_recommendable_articles']:,} "
           f"recommendable articles, index recall@12 vs exact {facts['index']['recall_at_12_vs_exact']:.4f}; "
           f"fusion {facts['fusion']}")
-    return {**registered, "state_dir": str(out), "index_recall": facts["index"]["recall_at_12_vs_exact"]}
+    return {**registered, "state_dir": settings.layout.to_shared(out), "index_recall": facts["index"]["recall_at_12_vs_exact"]}
 
 
 # -- evaluate (the gate) -------------------------------------------------------------------
@@ -331,10 +368,11 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
     reg = Registry(settings)
     version = str(indexed["version"])
     split = Split.from_dict(indexed["split"])
-    wh = Warehouse(indexed["warehouse"])
+    wh = Warehouse(settings.layout.from_shared(indexed["warehouse"]))
     truth = ev.holdout_truth(wh, split)
     customers = list(truth.customer_ids)
-    challenger = ServedState.load(indexed["state_dir"], expected_version=version, expected_as_of=split.holdout_start)
+    state_dir = settings.layout.from_shared(indexed["state_dir"])
+    challenger = ServedState.load(state_dir, expected_version=version, expected_as_of=split.holdout_start)
     name = f"challenger v{version}"
     models: dict[str, dict[str, list[str]]] = {name: challenger.predictions(customers, 100)}
     champion = reg.get(CHAMPION)
@@ -346,7 +384,7 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
                 f"{split.holdout_start}: the champion learnt from data up to {until}, which reaches into that "
                 f"week. Pick a later holdout week (holdout_week param / --holdout-week).")
         files = reg.fetch(champion.version)
-        scratch = Path(indexed["state_dir"]).parent / f"champion-v{champion.version}"
+        scratch = state_dir.parent / f"champion-v{champion.version}"
         state = _gate_state(files.bundle_dir, champion.version, wh, split, customers, scratch)
         models[f"champion v{champion.version}"] = state.predictions(customers, 100)
     else:

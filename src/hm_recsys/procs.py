@@ -55,3 +55,13 @@ def kill_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
     for pid in below:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def hostname() -> str:
+    """The name a process reports as its host: ``HM_RECSYS_HOSTNAME``, else the machine's FQDN.
+
+    Airflow's ``[core] hostname_callable`` for the production stack on one
+    machine, where two Celery workers share the FQDN but stand for two hosts:
+    each task instance then records which worker ran it.
+    """
+    return os.environ.get("HM_RECSYS_HOSTNAME") or socket.getfqdn()

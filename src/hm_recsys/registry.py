@@ -162,9 +162,12 @@ class Registry:
                 mv = max(found, key=lambda m: int(m.version))
             else:
                 all_tags = {IDEMPOTENCY_TAG: key, **{k: str(v) for k, v in (tags or {}).items()}}
-                mv = self.client.create_model_version(
-                    self.name, model_uri or f"runs:/{run_id}/model", run_id=run_id, tags=all_tags
-                )
+                source = model_uri or f"runs:/{run_id}/model"
+                # A tracking server (not a local store) refuses a logged model's models:/m-<id> source
+                # unless the request names that model too.
+                model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
+                mv = self.client.create_model_version(self.name, source, run_id=run_id, tags=all_tags,
+                                                      model_id=model_id)
             self.client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
         return VersionInfo.of(mv)
 
@@ -250,7 +253,7 @@ class Registry:
                     mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=BUNDLE_ARTIFACT,
                                                         dst_path=str(tmp),
                                                         tracking_uri=self.settings.mlflow_tracking_uri)
-                    _flatten(tmp, BUNDLE_ARTIFACT)
+                    flatten_download(tmp, BUNDLE_ARTIFACT)
             except Exception as e:
                 raise RegistryError(f"cannot fetch the bundle of version {mv.version} (run {mv.run_id}): {e}") from e
         return VersionFiles(mv.version, dest)
@@ -315,7 +318,7 @@ class Registry:
                     mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=f"{STATE_ARTIFACT}/{as_of}",
                                                         dst_path=str(tmp),
                                                         tracking_uri=self.settings.mlflow_tracking_uri)
-                    _flatten(tmp, f"{STATE_ARTIFACT}/{as_of}")
+                    flatten_download(tmp, f"{STATE_ARTIFACT}/{as_of}")
             except Exception as e:
                 raise RegistryError(f"cannot fetch the served state of version {mv.version} as of {as_of} "
                                     f"(run {mv.run_id}): {e}") from e
@@ -325,7 +328,7 @@ class Registry:
     @contextlib.contextmanager
     def lock(self, what: str = "registry") -> Iterator[None]:
         """An exclusive ``flock`` on ``locks/<what>-<model>.lock`` under the runtime folder."""
-        path: Path = self.settings.home / "locks" / f"{what}-{self.name}.lock"
+        path: Path = self.settings.layout.locks_dir / f"{what}-{self.name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -335,7 +338,7 @@ class Registry:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _flatten(tmp: Path, artifact_path: str) -> None:
+def flatten_download(tmp: Path, artifact_path: str) -> None:
     """``download_artifacts`` puts ``a/b/`` under ``tmp/b``: move its content up to ``tmp``."""
     inner = tmp / Path(artifact_path).name
     if not inner.is_dir():

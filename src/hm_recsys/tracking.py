@@ -49,9 +49,12 @@ def configure(settings: Settings) -> str:
     exp = mlflow.get_experiment_by_name(settings.experiment_name)
     if exp is None:
         root = settings.mlflow_artifact_root
-        root.mkdir(parents=True, exist_ok=True)
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
         try:
-            exp_id = mlflow.create_experiment(settings.experiment_name, artifact_location=root.as_uri())
+            # No location with a tracking server: its own (proxied) store, reached over HTTP only.
+            exp_id = mlflow.create_experiment(settings.experiment_name,
+                                              artifact_location=root.as_uri() if root is not None else None)
         except mlflow.exceptions.MlflowException:  # created concurrently by another process
             exp_id = mlflow.get_experiment_by_name(settings.experiment_name).experiment_id
     else:

@@ -143,7 +143,9 @@ def test_parity_dag_cli_train_and_retrain_learn_the_same_model(dag, retrain_env,
         }
 
     want = facts(cli.bundle_dir)
-    for other in (dag_bundle, Path(retrained["bundle_dir"])):
+    # XCom carries paths relative to the shared data root: the same files on any worker host
+    assert not Path(retrained["bundle_dir"]).is_absolute() and not Path(retrained["warehouse"]).is_absolute()
+    for other in (dag_bundle, Settings.from_env().layout.from_shared(retrained["bundle_dir"])):
         got = facts(other)
         for key in want:
             assert got[key] == want[key], f"{other}: {key} differs from hm-recsys train's"
