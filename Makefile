@@ -20,17 +20,18 @@ export PYTHONUNBUFFERED := 1
 SCALE ?= small
 SEED ?= 42
 
-.PHONY: help setup demo test test-fast bench bench-quality lock clean distclean airflow mlflow serve stop status
+.PHONY: help setup demo test prod-local test-fast bench bench-quality lock clean distclean airflow mlflow serve stop status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv with the locked environment and the package (editable)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock docker/requirements-prod.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet -r docker/requirements-prod.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -68,7 +69,10 @@ serve: setup  ## start the recommendation service (the champion) on 127.0.0.1:30
 mlflow: setup  ## start the MLflow UI on 127.0.0.1:5000
 	scripts/stack.sh start mlflow
 
-stop:  ## stop everything `make airflow/mlflow/serve` started (by PID)
+prod-local: setup  ## the production topology on this machine: Celery workers, Redis, Postgres, MLflow server
+	scripts/prodstack.sh start
+
+stop:  ## stop everything `make airflow/mlflow/serve/prod-local` started (by PID)
 	scripts/stack.sh stop
 
 status:  ## what is running

@@ -33,3 +33,11 @@ set -a
 . "$_secrets"
 set +a
 unset _repo _secrets
+
+# For the start/stop scripts: is this PID a live process? A zombie (exited, not yet reaped,
+# e.g. after its parent went away where PID 1 does not reap) is not.
+pid_alive() {
+  local s
+  s=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [ -n "$s" ] && [ "${s#Z}" = "$s" ]
+}

@@ -20,7 +20,7 @@ mkdir -p "$RUN" "$LOGS"
 launch() {  # name, command...: start detached in its own process group, record the PID
   local name=$1; shift
   local pidf="$RUN/$name.pid"
-  if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+  if [ -f "$pidf" ] && pid_alive "$(cat "$pidf")"; then
     echo "  $name already running (pid $(cat "$pidf"))"; return
   fi
   setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
@@ -42,9 +42,9 @@ stop_one() {  # name: SIGTERM the process group, then SIGKILL after 20 s
   local pidf="$RUN/$1.pid"
   [ -f "$pidf" ] || return 0
   local pid; pid=$(cat "$pidf")
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_alive "$pid"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    for _ in $(seq 20); do pid_alive "$pid" || break; sleep 1; done
     kill -KILL -- "-$pid" 2>/dev/null || true
     echo "  $1 stopped (pid $pid)"
   fi
@@ -99,7 +99,7 @@ case "$cmd" in
     for f in "$RUN"/*.pid; do
       [ -e "$f" ] || { echo "nothing started"; break; }
       n=$(basename "$f" .pid); p=$(cat "$f")
-      if kill -0 "$p" 2>/dev/null; then echo "  $n running (pid $p)"; else echo "  $n dead (stale pid $p)"; fi
+      if pid_alive "$p"; then echo "  $n running (pid $p)"; else echo "  $n dead (stale pid $p)"; fi
     done ;;
   *) echo "usage: $0 start|stop|status [airflow|mlflow|serve]" >&2; exit 2 ;;
 esac
