@@ -254,14 +254,40 @@ def test_servers_listen_where_their_health_checks_and_peers_look(services):
     assert "mlflow:5000" in _list_env(services["mlflow"]["environment"])["MLFLOW_ALLOWED_HOSTS"].split(",")
 
 
-def test_artifacts_are_one_volume_at_one_path_for_writers_and_readers(services):
-    mount = "mlflow-artifacts:/var/lib/hm-recsys/mlflow/artifacts"
-    assert mount in services["mlflow"]["volumes"]
-    assert mount in services["airflow-worker"]["volumes"]
-    assert f"{mount}:ro" in services["serve"]["volumes"]
-    assert "--default-artifact-root /var/lib/hm-recsys/mlflow/artifacts" in services["mlflow"]["command"][-1]
+def test_artifacts_travel_over_http_and_only_the_data_root_is_shared(services):
+    """What the prodstack tests run: MLflow proxies artifacts; task hosts share the data root and nothing else."""
+    assert "mlflow-artifacts:/var/lib/mlflow/artifacts" in services["mlflow"]["volumes"]
+    cmd = services["mlflow"]["command"][-1]
+    assert "--serve-artifacts --artifacts-destination /var/lib/mlflow/artifacts" in cmd
+    assert "--default-artifact-root" not in cmd and "--no-serve-artifacts" not in cmd
+    for name, svc in services.items():
+        if name != "mlflow":
+            assert not any(str(v).startswith("mlflow-artifacts:") for v in svc.get("volumes", [])), name
+    assert "hm-data:/var/lib/hm-recsys/shared" in services["airflow-worker"]["volumes"]
+    assert "volumes" not in services["serve"]  # it fetches everything through MLflow
     stages = _dockerfile_stages()
-    assert any("HM_RECSYS_MLFLOW_ARTIFACTS=/var/lib/hm-recsys/mlflow/artifacts" in i for i in stages["base"])
+    assert any("HM_RECSYS_DATA_ROOT=/var/lib/hm-recsys/shared" in i for i in stages["base"])
+    assert not any("HM_RECSYS_MLFLOW_ARTIFACTS" in i for i in stages["base"])
+    worker = _list_env(services["airflow-worker"]["environment"])
+    assert worker["HM_RECSYS_SERVICE_URL"] == "http://serve:3000"
+
+
+def test_compose_and_the_tested_local_stack_set_the_same_variables(services):
+    """docker/compose.yaml and scripts/prodstack.sh (the topology the prodstack tests run) agree."""
+    script = (REPO / "scripts" / "prodstack.sh").read_text()
+    exported = set(re.findall(r"^export ([A-Z_]+)=", script, flags=re.M))
+    worker = _list_env(services["airflow-worker"]["environment"])
+    shared = {"AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__HOSTNAME_CALLABLE",
+              "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__BROKER_URL",
+              "AIRFLOW__CELERY__RESULT_BACKEND", "AIRFLOW__CELERY__WORKER_CONCURRENCY",
+              "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT", "MLFLOW_TRACKING_URI",
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"}
+    assert shared <= exported, shared - exported
+    assert shared <= set(worker), shared - set(worker)
+    for key in ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__HOSTNAME_CALLABLE"):
+        assert re.search(rf"^export {key}={re.escape(str(worker[key]))}$", script, flags=re.M), key
+    assert f'MLFLOW_HTTP_REQUEST_MAX_RETRIES:-{worker["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]}' in script
+    assert "--serve-artifacts" in script and "celery worker" in script
 
 
 def test_third_party_images_are_pinned(raw):
@@ -511,8 +537,8 @@ def test_mlflow_server_flags_exist(services):
     help_text = subprocess.run([sys.executable, "-m", "mlflow", "server", "--help"], capture_output=True, text=True,
                                timeout=120, env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")).stdout
     flags = set(re.findall(r"(--[a-z-]+)", services["mlflow"]["command"][-1]))
-    assert flags == {"--host", "--port", "--workers", "--backend-store-uri", "--default-artifact-root",
-                     "--no-serve-artifacts", "--allowed-hosts"}
+    assert flags == {"--host", "--port", "--workers", "--backend-store-uri", "--serve-artifacts",
+                     "--artifacts-destination", "--allowed-hosts"}
     for flag in flags:
         assert flag in help_text, flag
 
