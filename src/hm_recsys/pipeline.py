@@ -763,7 +763,15 @@ def process_drops(run_id: str, run_date: dt.date) -> list[dict]:
         print("no drops in the incoming folder")
     keep = ("file", "sha256", "week", "status", "rows", "ingest", "moved_to", "quarantine", "report", "summary",
             "drift_verdict", "drift_report", "drift_plot")
-    return [{k: d.get(k) for k in keep} for d in result["drops"]]
+    layout = Settings.from_env().layout
+
+    def portable(key: str, value):  # paths as the data root sees them: the same on every worker host
+        if key in ("file", "moved_to", "quarantine", "report", "drift_report", "drift_plot") and value:
+            with contextlib.suppress(ValueError):
+                return layout.to_shared(value)
+        return value
+
+    return [{k: portable(k, d.get(k)) for k in keep} for d in result["drops"]]
 
 
 def fail_on_rejects(outcomes: list[Mapping]) -> None:
@@ -771,4 +779,5 @@ def fail_on_rejects(outcomes: list[Mapping]) -> None:
     rejected = [o for o in outcomes if o["status"] == "rejected"]
     if rejected:
         lines = "\n".join(f"- {o['file']} -> {o['quarantine']}: {o['summary']}" for o in rejected)
-        raise PipelineError(f"{len(rejected)} drop(s) rejected and quarantined:\n{lines}")
+        raise PipelineError(f"{len(rejected)} drop(s) rejected and quarantined (paths under the data root "
+                            f"{Settings.from_env().layout.shared}):\n{lines}")
