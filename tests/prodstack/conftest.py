@@ -61,7 +61,7 @@ def require_backing_services() -> None:
         return
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and the production stack cannot run: {missing}", pytrace=False)
-    pytest.skip(f"prodstack: {missing}; start Postgres and Redis to run these (README, Production stack)")
+    pytest.skip(f"prodstack: {missing}; start Postgres and Redis to run these (README: the production-stack tests)")
 
 
 def wait_for(predicate: Callable, what: str, diagnosis: Callable[[], str], timeout: float = TIMEOUT,
