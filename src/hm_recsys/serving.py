@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import hmac
 import json
 import logging
@@ -332,6 +333,20 @@ class ModelHolder:
         return old
 
 
+def settle_heap() -> None:
+    """Collect once, then freeze what lives now (the served state, the web stack) out of the GC's sight.
+
+    The worker holds ~400k GC-tracked objects once a state is loaded; without
+    this, every full collection walks all of them and stops the event loop
+    for ~150 ms under load (measured: the p99.9 of /recommend at concurrency 8
+    went from ~10 ms in a bare app to ~160 ms). Called after each swap:
+    ``unfreeze`` first, so the state just replaced is collected, not kept.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class VersionSource(Protocol):
     """Where served states come from: which (version, as_of) to serve now, and its files on local disk."""
 
@@ -503,6 +518,7 @@ class Reloader:
                                                 time.perf_counter() - t0))
             self.failed.pop(label, None)
             self.holder.swap(served)
+            settle_heap()
             log.info("now serving %s (was %s), loaded in %.1f s", label, _label(previous), time.perf_counter() - t0)
             return self._done(ReloadOutcome("swapped", version, as_of, _label(previous), None,
                                             time.perf_counter() - t0))

@@ -231,6 +231,26 @@ def test_reloader_swaps_only_verified_states():
     assert r.status()["failed"] == {"bad@2020-09-16": "LoadError: state checksum mismatch"}
 
 
+def test_a_swap_freezes_the_loaded_state_out_of_the_collectors_sight():
+    """After a swap the heap is frozen (full collections skip the state: no ~150 ms pauses under load),
+    and the next swap unfreezes first, so the replaced state can be collected."""
+    import gc
+    import weakref
+
+    r, source, holder, _ = make_reloader()
+    try:
+        source.alias = "1"
+        assert r.check().status == "swapped"
+        first = weakref.ref(holder.current())
+        assert gc.get_freeze_count() > 0
+        source.alias = "2"
+        assert r.check().status == "swapped" and holder.current().version == "2"
+        assert first() is None  # the old state is gone, not kept frozen
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_reloader_follows_newer_states_and_never_goes_back():
     r, source, holder, loads = make_reloader()
     source.alias = "1"
