@@ -50,11 +50,12 @@ bench: setup  ## all benchmarks at SCALE (figures printed as ratios against in-r
 	$(BIN)/python bench/validate.py --scale $(SCALE)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/evaluate.py
-	$(BIN)/python bench/index.py
 	$(BIN)/python bench/serve.py --scale $(if $(filter tiny,$(SCALE)),tiny,small)
 	$(BIN)/python bench/quality.py --data $(if $(filter tiny,$(SCALE)),tiny,small)
 	$(BIN)/python bench/freshness.py --data $(if $(filter tiny,$(SCALE)),tiny,small)
 	$(BIN)/python bench/dag_parse.py
+	$(BIN)/python bench/dag_full.py --scale $(SCALE)
+	$(BIN)/python bench/index.py --home var/bench/dag_full-$(SCALE)
 
 bench-quality: setup  ## quality on the real dev set (MovieLens-100k, the recbole wheel fetched from PyPI) and on small data
 	$(BIN)/python bench/quality.py --data movielens --fetch

@@ -262,6 +262,9 @@ def pipeline_tune(searcher_index: ScannIndex, grid: list[ScannConfig], tune_q: n
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to search")
+    src.add_argument("--home", type=Path,
+                     help="a runtime folder that ran hm_retrain (e.g. bench/dag_full.py's): its newest gate state "
+                          "(runs/*/gate/v*) as --state and its warehouse as --warehouse")
     src.add_argument("--state", type=Path, help="a served-state folder (hm_recsys.served); its customer queries")
     src.add_argument("--warehouse", type=Path, help="warehouse holding the week from the state's as_of (holdout truth)")
     src.add_argument("--synthetic", action="store_true", help="clustered random embeddings (NOT what serving sends)")
@@ -287,6 +290,11 @@ def main() -> int:
     tune.add_argument("--single", type=int, default=2000, help="single-query searches timed per setting")
     tune.add_argument("--out", type=Path, help="write the results as JSON here")
     a = p.parse_args()
+    if a.home:
+        gates = sorted(a.home.glob("runs/*/gate/v*/manifest.json"), key=lambda f: f.stat().st_mtime)
+        if not gates:
+            p.error(f"--home {a.home}: no gate state (runs/*/gate/v*/manifest.json); run hm_retrain there first")
+        a.state, a.warehouse = gates[-1].parent, a.warehouse or a.home / "data" / "warehouse"
     if a.state and a.synthetic:
         p.error("--state and --synthetic are exclusive")
     if a.warehouse and not a.state:
