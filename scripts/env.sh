@@ -41,3 +41,17 @@ pid_alive() {
   s=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
   [ -n "$s" ] && [ "${s#Z}" = "$s" ]
 }
+
+# Stop what a PID file names: SIGTERM its process group, SIGKILL after 20 s, remove the file.
+# (Celery's warm shutdown lets a running task finish; Airflow's retries cover what is cut short.)
+stop_pidfile() {  # label, pid file
+  [ -f "$2" ] || return 0
+  local pid; pid=$(cat "$2")
+  if pid_alive "$pid"; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 20); do pid_alive "$pid" || break; sleep 1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    echo "  $1 stopped (pid $pid)"
+  fi
+  rm -f "$2"
+}

@@ -176,19 +176,7 @@ names() {
 }
 
 stop() {
-  for n in $(names); do
-    local pidf="$RUN/prod-$n.pid"
-    [ -f "$pidf" ] || continue
-    local pid; pid=$(cat "$pidf")
-    if pid_alive "$pid"; then
-      # Celery's warm shutdown lets a running task finish; Airflow's retries cover what is cut short.
-      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 20); do pid_alive "$pid" || break; sleep 1; done
-      kill -KILL -- "-$pid" 2>/dev/null || true
-      echo "  $n stopped (pid $pid)"
-    fi
-    rm -f "$pidf"
-  done
+  for n in $(names); do stop_pidfile "$n" "$RUN/prod-$n.pid"; done
 }
 
 case "${1:-status}" in

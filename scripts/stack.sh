@@ -38,17 +38,8 @@ wait_http() {  # url, seconds, name
   return 1
 }
 
-stop_one() {  # name: SIGTERM the process group, then SIGKILL after 20 s
-  local pidf="$RUN/$1.pid"
-  [ -f "$pidf" ] || return 0
-  local pid; pid=$(cat "$pidf")
-  if pid_alive "$pid"; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 20); do pid_alive "$pid" || break; sleep 1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    echo "  $1 stopped (pid $pid)"
-  fi
-  rm -f "$pidf"
+stop_one() {  # name
+  stop_pidfile "$1" "$RUN/$1.pid"
 }
 
 AIRFLOW_PARTS=(airflow-api-server airflow-scheduler airflow-dag-processor airflow-triggerer)
