@@ -142,6 +142,17 @@ def served_models(tiny_warehouse_ro, tmp_path_factory) -> ServedModels:
                         (split.holdout_start.isoformat(), newest.isoformat()))
 
 
+def wait_for(predicate, what: str, diagnosis, timeout: float = 300.0, every: float = 1.0):
+    """Poll ``predicate`` until it returns something truthy; fail with ``diagnosis()`` at ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = predicate()
+        if out:
+            return out
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnosis()}")
+
+
 # ---------------------------------------------------------------------------
 # A real server process
 # ---------------------------------------------------------------------------

@@ -35,8 +35,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +42,7 @@ import pytest
 
 from hm_recsys.procs import free_port, kill_tree
 from tests.dags.conftest import airflow_env
-from tests.integration.conftest import Hammer, ServedModels, ServerProcess, publish, tiny_config
+from tests.integration.conftest import Hammer, ServedModels, ServerProcess, publish, tiny_config, wait_for
 
 UNKNOWN = "f" * 64  # a well-formed customer id nobody has
 
@@ -175,17 +173,6 @@ class AirflowStack:
         for path in sorted(self.logs.glob("*.log")):
             out.append(f"--- {path.name}\n{path.read_text(errors='replace')[-2500:]}")
         return "\n".join(out)
-
-
-def wait_for(predicate: Callable, what: str, diagnosis: Callable[[], str], timeout: float = TIMEOUT):
-    """Poll ``predicate`` each second until it returns something truthy; fail with ``diagnosis()`` at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = predicate()
-        if out:
-            return out
-        time.sleep(1.0)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnosis()}")
 
 
 # ---------------------------------------------------------------------------

@@ -20,13 +20,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from hm_recsys.procs import descendants, free_port
+from tests.integration.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("HM_RECSYS_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432")
@@ -62,18 +62,6 @@ def require_backing_services() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and the production stack cannot run: {missing}", pytrace=False)
     pytest.skip(f"prodstack: {missing}; start Postgres and Redis to run these (README: the production-stack tests)")
-
-
-def wait_for(predicate: Callable, what: str, diagnosis: Callable[[], str], timeout: float = TIMEOUT,
-             every: float = 1.0):
-    """Poll ``predicate`` until it returns something truthy; fail with ``diagnosis()`` at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = predicate()
-        if out:
-            return out
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnosis()}")
 
 
 @dataclass
@@ -169,7 +157,7 @@ class ProdStack:
 
     def unpause(self, *dag_ids: str) -> None:
         wait_for(lambda: all(self.api.get(f"/dags/{d}").status_code == 200 for d in dag_ids),
-                 "the dag-processor to register the DAGs", self.diagnosis)
+                 "the dag-processor to register the DAGs", self.diagnosis, TIMEOUT)
         for d in dag_ids:
             r = self.api.patch(f"/dags/{d}", json={"is_paused": False})
             assert r.status_code == 200 and r.json()["is_paused"] is False, r.text
