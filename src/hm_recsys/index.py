@@ -349,7 +349,8 @@ class SearchSetting:
         """``cfg`` (a build-time config) searching the same share of its leaves, with the same reorder."""
         if cfg.brute_force or self.leaves_fraction is None:
             return cfg  # nothing to scale: a brute-force index, or a tree where the chosen one was exact
-        leaves = max(1, min(cfg.num_leaves, math.ceil(self.leaves_fraction * cfg.num_leaves - 1e-9)))
+        # ceil: never search a smaller share; the slack keeps l / n * n == l (float rounding) from becoming l + 1
+        leaves = max(1, min(cfg.num_leaves, math.ceil(self.leaves_fraction * cfg.num_leaves - 1e-6)))
         return dataclasses.replace(cfg, leaves_to_search=leaves, reorder=self.reorder)
 
 
@@ -529,7 +530,7 @@ def carry_payload(index_facts: IndexManifest | Mapping[str, Any]) -> dict[str, A
     h = t["holdout"]
     return {
         "brute_force": bool(c["brute_force"]),
-        "leaves_fraction": None if c["brute_force"] else round(c["leaves_to_search"] / c["num_leaves"], 6),
+        "leaves_fraction": None if c["brute_force"] else c["leaves_to_search"] / c["num_leaves"],
         "leaves_to_search": c["leaves_to_search"], "num_leaves": c["num_leaves"], "reorder": c["reorder"],
         "recall_at_12_vs_exact": f["recall_at_12_vs_exact"], "floor": t["floor"],
         "recall_at_12_ratio": h["recall_at_k"]["ratio"], "candidate_recall_ratio": h["candidate_recall"]["ratio"],

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -319,7 +320,7 @@ def test_carried_setting_scales_to_a_new_tree_and_is_widened_only_below_toleranc
     gate = build_index(ids, emb, tmp_path / "gate", "1", eval_queries=queries[:500], config=_COARSE,
                        truth=_bought_best(ids, emb, queries))
     payload = carry_payload(gate)
-    assert payload["leaves_fraction"] == pytest.approx(gate.scann_config["leaves_to_search"] / 77, abs=1e-6)
+    assert payload["leaves_fraction"] == gate.scann_config["leaves_to_search"] / 77
     carried = SearchSetting.from_json(json.dumps(payload))
 
     # a later state: more articles, more leaves, no truth
@@ -397,3 +398,13 @@ def test_rule_and_setting_parsing():
     s = SearchSetting.from_dict({"leaves_fraction": 0.1, "reorder": 200, "recall_at_12_vs_exact": 0.85})
     cfg = s.applied_to(ScannConfig(num_leaves=234, leaves_to_search=11, reorder=100))
     assert (cfg.leaves_to_search, cfg.reorder, cfg.num_leaves) == (24, 200, 234)
+    # carried to a tree of the same size, every setting comes back as it was (32/52 once came back as 33/52)
+    ratio = {"ratio": 1.0}
+    tuning = {"floor_kind": "holdout", "floor": 0.99,
+              "holdout": {"recall_at_k": ratio, "candidate_recall": ratio, "candidate_k": 100, "n_queries": 500}}
+    for n in (52, 77, 234):
+        for leaves in range(1, n + 1):
+            facts = {"scann_config": asdict(ScannConfig(num_leaves=n, leaves_to_search=leaves, reorder=100)),
+                     "recall_at_12_vs_exact": 0.9, "tuning": tuning}
+            back = SearchSetting.from_json(json.dumps(carry_payload(facts))).applied_to(ScannConfig(num_leaves=n))
+            assert back.leaves_to_search == leaves, (leaves, n)
