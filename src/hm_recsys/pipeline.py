@@ -301,10 +301,15 @@ def register(trained: Mapping, run_id: str, settings: Settings | None = None) ->
 
 
 # -- build_index: the challenger's served state for the gate ----------------------------
-def _gate_state(bundle_dir: Path, version: str, warehouse: Warehouse, split: Split, customers: list[str],
-                out_dir: Path):
-    """A version's served state as of the holdout's start, for the holdout's buyers (reused if built already)."""
+def _gate_state(bundle_dir: Path, version: str, warehouse: Warehouse, split: Split, truth, out_dir: Path):
+    """A version's served state as of the holdout's start, for the holdout's buyers (reused if built already).
+
+    Its index's search setting is chosen on ``truth`` (the holdout week's
+    ``evaluate.Truth``): the cheapest that loses at most 1% of what exact
+    search finds for those buyers (``index.build_index``, rule ``holdout``).
+    """
     from hm_recsys import bundle
+    from hm_recsys.index import IndexRule
     from hm_recsys.served import ServedState, StateError, build_state
 
     try:
@@ -313,17 +318,31 @@ def _gate_state(bundle_dir: Path, version: str, warehouse: Warehouse, split: Spl
         pass
     config, fusion = bundle.retrieval(bundle_dir)
     return build_state(bundle.load(bundle_dir), warehouse, split.holdout_start, version, out_dir, config, fusion,
-                       customers=customers, progress=False)
+                       customers=list(truth.customer_ids), truth=truth, index_rule=IndexRule.from_env(),
+                       progress=False)
+
+
+def index_summary(index_facts: Mapping) -> str:
+    """One line for the task log: how a state's index search setting was chosen, and what it measured."""
+    tuning = index_facts.get("tuning") or {}
+    if not tuning:  # a state built before the setting was recorded
+        return f"index recall@12 vs exact {index_facts['recall_at_12_vs_exact']:.4f}"
+    return f"index setting by rule {tuning['floor_kind']!r}: {tuning['reason']}"
 
 
 def build_index(registered: Mapping, run_id: str, settings: Settings | None = None) -> dict:
     """Build the challenger's served state as of the holdout's start: features, candidate tables, ScaNN index.
 
-    It is what the gate scores (the index is tuned on the holdout customers'
-    queries and must reach its recall floor against exact search, else
-    nothing is built). A retry finds a verified state and reuses it.
+    It is what the gate scores. The index's search setting is chosen on the
+    holdout week's truth (the cheapest whose holdout Recall@12 and two-tower
+    candidate recall are >= 0.99 x exact search's; else nothing is built) and
+    recorded on the version (tag ``index_search``), so the states served
+    later for this version start from it (``publish_state``). A retry finds a
+    verified state and reuses it.
     """
     from hm_recsys import evaluate as ev
+    from hm_recsys.index import carry_payload
+    from hm_recsys.registry import INDEX_SEARCH_TAG, Registry
     from hm_recsys.served import describe
 
     settings = settings or Settings.from_env()
@@ -332,13 +351,20 @@ def build_index(registered: Mapping, run_id: str, settings: Settings | None = No
     wh = Warehouse(settings.layout.from_shared(registered["warehouse"]))
     truth = ev.holdout_truth(wh, split)
     out = settings.layout.run_dir(run_key(run_id)) / "gate" / f"v{version}"
-    state = _gate_state(settings.layout.from_shared(registered["bundle_dir"]), version, wh, split,
-                        list(truth.customer_ids), out)
+    state = _gate_state(settings.layout.from_shared(registered["bundle_dir"]), version, wh, split, truth, out)
     facts = describe(state)
     print(f"served state of version {version} as of {state.as_of}: {facts['n_recommendable_articles']:,} "
-          f"recommendable articles, index recall@12 vs exact {facts['index']['recall_at_12_vs_exact']:.4f}; "
-          f"fusion {facts['fusion']}")
-    return {**registered, "state_dir": settings.layout.to_shared(out), "index_recall": facts["index"]["recall_at_12_vs_exact"]}
+          f"recommendable articles; {index_summary(facts['index'])}; fusion {facts['fusion']}")
+    payload = carry_payload(facts["index"])
+    if payload is not None:
+        payload["as_of"] = state.as_of.isoformat()
+        with _tracking_server(settings, "record the index search setting on the model version"):
+            Registry(settings).tag(version, {INDEX_SEARCH_TAG: json.dumps(payload, sort_keys=True)})
+        print(f"version {version}: tag {INDEX_SEARCH_TAG} = {json.dumps(payload, sort_keys=True)} "
+              f"(its later served states start from this setting)")
+    tuning = facts["index"].get("tuning") or {}
+    return {**registered, "state_dir": settings.layout.to_shared(out),
+            "index_recall": facts["index"]["recall_at_12_vs_exact"], "index_floor": tuning.get("floor_kind")}
 
 
 # -- evaluate (the gate) -------------------------------------------------------------------
@@ -385,7 +411,7 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
                 f"week. Pick a later holdout week (holdout_week param / --holdout-week).")
         files = reg.fetch(champion.version)
         scratch = state_dir.parent / f"champion-v{champion.version}"
-        state = _gate_state(files.bundle_dir, champion.version, wh, split, customers, scratch)
+        state = _gate_state(files.bundle_dir, champion.version, wh, split, truth, scratch)
         models[f"champion v{champion.version}"] = state.predictions(customers, 100)
     else:
         champion = None
@@ -449,11 +475,18 @@ def publish_state(version: str, as_of: dt.date | None = None, settings: Settings
     One writer at a time: the build and the publication hold the served-state
     lock, and a state is only built when the version has none at least as
     new (an older as_of never replaces a newer one; a retry finds it done).
+    There is no truth for the weeks after ``as_of`` yet: the index starts from
+    the search setting chosen on the holdout's truth at the gate (the
+    version's ``index_search`` tag), widened only if its recall@12 vs exact
+    here falls more than ``IndexRule.carry_tolerance`` below the gate's
+    (rule ``carried``); a version without the tag gets recall@12 vs exact >=
+    0.98 (rule ``recall_vs_exact``).
     Returns ``{"version", "as_of", "status": built | current, "seconds", ...}``.
     """
     import time
 
     from hm_recsys import bundle
+    from hm_recsys.index import IndexRule
     from hm_recsys.registry import Registry
     from hm_recsys.served import build_state, describe
 
@@ -471,16 +504,33 @@ def publish_state(version: str, as_of: dt.date | None = None, settings: Settings
         files = reg.fetch(version)
         config, fusion = bundle.retrieval(files.bundle_dir)
         out = settings.layout.state_dir(version, as_of.isoformat())
-        state = build_state(bundle.load(files.bundle_dir), wh, as_of, version, out, config, fusion, progress=progress)
+        state = build_state(bundle.load(files.bundle_dir), wh, as_of, version, out, config, fusion, progress=progress,
+                            index_search=_carried_search(reg, version), index_rule=IndexRule.from_env())
         published = reg.publish_state(version, out)
     facts = describe(state)
     seconds = round(time.perf_counter() - t0, 1)
     print(f"served state of version {version} as of {as_of}: {facts['n_customers']:,} customers "
           f"({facts['n_customers_with_history']:,} with a history), {facts['n_recommendable_articles']:,} "
-          f"recommendable articles, index recall@12 vs exact {facts['index']['recall_at_12_vs_exact']:.4f}; "
-          f"built and published in {seconds} s")
+          f"recommendable articles; {index_summary(facts['index'])}; built and published in {seconds} s")
     return {"version": version, "as_of": as_of.isoformat(), "status": "built", "seconds": seconds,
             "served_as_of": published["served_as_of"], "build_seconds": state.manifest.get("seconds")}
+
+
+def _carried_search(reg, version: str):
+    """The version's ``index_search`` tag as an ``index.SearchSetting``; None if it has none (or a bad one)."""
+    from hm_recsys.index import SearchSetting
+    from hm_recsys.registry import INDEX_SEARCH_TAG
+
+    raw = reg.version(version).tags.get(INDEX_SEARCH_TAG)
+    if not raw:
+        print(f"version {version} has no {INDEX_SEARCH_TAG} tag (no index setting chosen on truth at its gate): "
+              "the index is tuned to recall@12 vs exact")
+        return None
+    try:
+        return SearchSetting.from_json(raw)
+    except ValueError as e:
+        print(f"version {version}: ignoring its {INDEX_SEARCH_TAG} tag ({e}): the index is tuned to recall@12 vs exact")
+        return None
 
 
 def switch(version: str, as_of: str, url: str | None = None) -> dict:

@@ -22,6 +22,10 @@
   and ``served_states`` (all, JSON) say which exist. ``publish_state`` holds
   the served-state lock, so there is one writer at a time, and never moves
   ``served_as_of`` back to an older date.
+* The index search setting chosen on the holdout's truth when the gate state
+  was built is the version's tag ``index_search`` (JSON,
+  ``index.carry_payload``); later served states of the version start from it
+  (``index.SearchSetting``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ BUNDLE_ARTIFACT = "bundle"  # run artifact path of the model bundle
 STATE_ARTIFACT = "served"  # run artifact folder of the version's served states: served/<as_of>/
 SERVED_AS_OF_TAG = "served_as_of"
 SERVED_STATES_TAG = "served_states"
+INDEX_SEARCH_TAG = "index_search"  # JSON: the index search setting chosen on truth at the gate (index.carry_payload)
 
 
 class RegistryError(RuntimeError):

@@ -48,7 +48,7 @@ from hm_recsys.fusion import Fusion
 if TYPE_CHECKING:
     from hm_recsys.bundle import Recommender
     from hm_recsys.data.warehouse import Warehouse
-    from hm_recsys.index import Index
+    from hm_recsys.index import Index, IndexRule, SearchSetting
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -307,19 +307,32 @@ def replay_to(rec: Recommender, warehouse: Warehouse, as_of: dt.date, lookback_w
 
 def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version: str, out_dir: Path | str,
                 config: RetrievalConfig, fusion: Fusion, customers: Iterable[str] | None = None,
-                min_recall: float = 0.98, progress: bool = True, chunk: int = 65536) -> ServedState:
+                min_recall: float = 0.98, progress: bool = True, chunk: int = 65536,
+                truth: Mapping[str, Iterable[str]] | None = None, index_search: SearchSetting | None = None,
+                index_rule: IndexRule | None = None) -> ServedState:
     """Compute, verify and atomically publish the served state of ``version`` as of ``as_of`` at ``out_dir``.
 
     ``customers``: whose query embeddings to precompute (default: every
     customer of the warehouse's table; the evaluation passes the holdout's
-    buyers). Returns the loaded state. The ScaNN index is tuned on real
-    customer queries and must reach ``min_recall`` recall@12 against exact
-    search, else ``index.IndexQualityError`` and nothing is published.
+    buyers). Returns the loaded state. The ScaNN index's search-time setting
+    is chosen by ``index.build_index``'s rules, else ``index.IndexQualityError``
+    and nothing is published:
+
+    * ``truth`` (customer id -> article ids bought in the week from
+      ``as_of``; the gate passes the holdout's): on truth, through the queries
+      serving would send those customers (unknown ones: the cold-start query),
+      for the two-tower top-12 and its ``config.two_tower_k`` candidates;
+    * ``index_search``: a setting chosen that way for this model earlier,
+      re-verified on this state (recall@12 vs exact, ``index_rule.carry_tolerance``);
+    * neither: recall@12 vs exact >= ``min_recall``.
+
+    Recall@12 vs exact is always measured on up to 2,000 of the state's
+    customers with a history (those a service sees most).
     """
     from tqdm.auto import tqdm
 
     from hm_recsys.features import age_bucket
-    from hm_recsys.index import build_index
+    from hm_recsys.index import QueryTruth, build_index
 
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -375,8 +388,17 @@ def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version:
         sample_rows = local.customer_rows[with_history] if with_history.size else np.arange(table_rows.size)
         pick = np.unique(np.linspace(0, max(sample_rows.size - 1, 0), num=min(2000, sample_rows.size)).astype(int))
         eval_q = queries[sample_rows[pick]] if sample_rows.size else queries[-1:]
+        judge = None
+        if truth is not None:
+            import pandas as pd
+
+            buyers = [str(c) for c in truth]
+            at = positions(pd.Index(ids.astype(str).astype(object)), buyers)
+            judge = QueryTruth(queries[np.where(at >= 0, at, queries.shape[0] - 1)], [truth[c] for c in buyers],
+                               k=12, candidate_k=config.two_tower_k)
         imf = build_index([article_ids[r] for r in allowed_rows], art_emb[allowed_rows], tmp / INDEX,
-                          model_version=version, eval_queries=eval_q, min_recall=min_recall)
+                          model_version=version, eval_queries=eval_q, min_recall=min_recall, truth=judge,
+                          carried=index_search, rule=index_rule)
         seconds["index"] = time.perf_counter() - t0 - sum(seconds.values())
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
@@ -391,7 +413,8 @@ def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version:
             "retrieval": config.to_dict(),
             "fusion": fusion.to_dict(),
             "index": {"recall_at_12_vs_exact": imf.recall_at_12_vs_exact, "scann_config": imf.scann_config,
-                      "n_eval_queries": imf.n_eval_queries, "min_recall": imf.min_recall},
+                      "n_eval_queries": imf.n_eval_queries, "min_recall": imf.min_recall,
+                      "tuning": {k: v for k, v in imf.tuning.items() if k != "tried"}},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "files": files,

@@ -49,13 +49,17 @@ def test_tiny_served_model_beats_every_heuristic(tiny_warehouse_ro, tmp_path):
 
 @pytest.mark.slow
 def test_small_data_runs_the_approximate_index_through_the_gate_and_the_service(home, tmp_path, monkeypatch):
+    import datetime as dt
+    import json
+
     import httpx
 
     from hm_recsys import pipeline
     from hm_recsys.config import Settings
     from hm_recsys.data.ingest import ingest_history
     from hm_recsys.data.synthetic import generate
-    from hm_recsys.registry import CHAMPION, Registry
+    from hm_recsys.data.warehouse import Warehouse
+    from hm_recsys.registry import CHAMPION, INDEX_SEARCH_TAG, Registry
     from hm_recsys.served import ServedState
     from tests.integration.conftest import ServedModels, ServerProcess
 
@@ -79,8 +83,25 @@ def test_small_data_runs_the_approximate_index_through_the_gate_and_the_service(
         cfg = state.manifest["index"]["scann_config"]
         assert state.index_rows.size >= 2000 and not cfg["brute_force"], cfg  # a tree, not brute force
         assert cfg["leaves_to_search"] < cfg["num_leaves"], cfg  # and it does not search every partition
-        assert state.manifest["index"]["recall_at_12_vs_exact"] >= 0.98
+        assert state.manifest["index"]["recall_at_12_vs_exact"] >= 0.8  # the sanity floor of the holdout rule
     assert served.as_of > gate_state.as_of  # deploy serves the newest week, the gate scored the holdout's start
+
+    # the gate's index setting was chosen on the holdout's truth, recorded on the version, and carried to the
+    # newest state (which has no truth yet)
+    gate_tuning, served_tuning = gate_state.manifest["index"]["tuning"], served.manifest["index"]["tuning"]
+    assert gate_tuning["floor_kind"] == "holdout", gate_tuning["reason"]
+    holdout = gate_tuning["holdout"]
+    week = Warehouse(settings.layout.warehouse_dir).transactions(
+        gate_state.as_of, gate_state.as_of + dt.timedelta(weeks=1), columns=["customer_id"])
+    assert holdout["n_queries"] == week["customer_id"].nunique()  # every holdout buyer, known or not
+    assert holdout["recall_at_k"]["ratio"] >= 0.99 and holdout["candidate_recall"]["ratio"] >= 0.99
+    assert holdout["candidate_k"] == gate_state.config.two_tower_k
+    tag = json.loads(reg.version(version).tags[INDEX_SEARCH_TAG])
+    assert tag["reorder"] == gate_state.manifest["index"]["scann_config"]["reorder"]
+    assert tag["recall_at_12_vs_exact"] == gate_state.manifest["index"]["recall_at_12_vs_exact"]
+    assert served_tuning["floor_kind"] == "carried" and served_tuning["carried"] == tag, served_tuning["reason"]
+    assert served.manifest["index"]["recall_at_12_vs_exact"] >= served_tuning["min_recall_at_12_vs_exact"]
+    assert served_tuning["min_recall_at_12_vs_exact"] == pytest.approx(tag["recall_at_12_vs_exact"] - 0.02)
 
     env = ServedModels(home, (version, version), (), (), ("", "")).env()
     server = ServerProcess(env, tmp_path / "service.log")
@@ -94,5 +115,6 @@ def test_small_data_runs_the_approximate_index_through_the_gate_and_the_service(
             assert [r["article_id"] for r in out["recommendations"]] == want[cid], cid
         md = httpx.get(f"{server.url}/metadata", timeout=30).json()
         assert md["index"]["kind"] == "ScannIndex" and not md["index"]["scann_config"]["brute_force"]
+        assert md["index"]["tuning"]["floor_kind"] == "carried"  # /metadata says how the setting was chosen
     finally:
         server.stop()

@@ -434,6 +434,46 @@ def test_load_served_refuses_an_index_of_other_embeddings(real_version, tmp_path
         load_served(_files("7", real_version, bad), progress=False)
 
 
+def test_load_served_accepts_a_narrow_index_its_manifest_vouches_for(real_version, tmp_path):
+    """A search setting chosen on truth may sit below 0.9 recall vs exact: the load check follows the manifest."""
+    import shutil
+
+    from hm_recsys.fsutil import file_sha256
+    from hm_recsys.index import ExactIndex, ScannConfig, build_index, load_index
+    from hm_recsys.served import MANIFEST
+
+    st = real_version.state
+    narrow = tmp_path / "state"
+    shutil.copytree(real_version.state_dir, narrow)
+    shutil.rmtree(narrow / "index")
+    n = st.index_rows.size
+    build_index([st.article_ids[r] for r in st.index_rows], st.article_embeddings[st.index_rows], narrow / "index",
+                "7", config=ScannConfig(num_leaves=16, leaves_to_search=1, reorder=12, training_sample_size=n),
+                min_recall=0.0, max_widenings=0)
+    # what load_served measures: 256 customers spread over the state
+    index, _ = load_index(narrow / "index")
+    sample = np.unique(np.linspace(0, st.n_customers - 1, num=min(256, st.n_customers)).astype(np.int64))
+    q = np.asarray(st.queries[sample], dtype=np.float32)
+    got, _ = index.search(q, 12)
+    want, _ = ExactIndex(index.article_ids, st.article_embeddings[st.index_rows]).search(q, 12)
+    at_load = float(np.mean([len(set(a) & set(b)) / 12 for a, b in zip(got.tolist(), want.tolist())]))
+    assert at_load < 0.85, at_load  # the default floor (0.9) alone would refuse it
+
+    def sign(recorded: float) -> None:
+        m = json.loads((narrow / MANIFEST).read_text())
+        m["index"]["recall_at_12_vs_exact"] = recorded
+        m["files"] = {str(p.relative_to(narrow)): file_sha256(p) for p in narrow.rglob("*")
+                      if p.is_file() and p != narrow / MANIFEST}
+        (narrow / MANIFEST).write_text(json.dumps(m))
+
+    sign(round(at_load + 0.05, 6))  # built at about what the load measures: accepted
+    assert load_served(_files("7", real_version, narrow), progress=False).metadata["index"]["verify_recall_at_12"] \
+        == pytest.approx(at_load)
+    sign(round(at_load + 0.2, 6))  # the manifest vouches for much more than the index gives: refused
+    with pytest.raises(LoadError, match="index and state do not belong together"):
+        load_served(_files("7", real_version, narrow), progress=False)
+
+
 def test_load_served_refuses_a_missing_state(tmp_path, real_version):
     with pytest.raises(LoadError, match="cannot load the served state"):
         load_served(_files("7", real_version, tmp_path / "nothing"), progress=False)
