@@ -19,10 +19,13 @@ buyers get the cold-start row, as in serving.
    baseline, measured in the same run on the same queries.
 2. Each build-time configuration (the state's own by default; ``--num-leaves``,
    ``--dims-per-block``, ``--aq-threshold`` give others, tried in order only
-   until one meets every target) is built ONCE. A pipeline's tuning pass is
-   timed with it: exact top-12 of ``--tune-queries`` customer queries, then
-   every search-time setting (leaves searched x reorder size) on them, picking
-   the fastest with recall@12 vs exact >= ``--min-recall``.
+   until one meets every target) is built ONCE. A recall-vs-exact tuning pass
+   is timed with it (the pipeline's rule where there is no truth): exact
+   top-12 of ``--tune-queries`` customer queries, then every search-time
+   setting (leaves searched x reorder size) on them, picking the fastest with
+   recall@12 vs exact >= ``--min-recall``. The setting the PIPELINE chose for
+   the state (its index; the rule and why in the state manifest's
+   ``index.tuning``: ``holdout`` on a gate state) is printed and marked ``p``.
 3. Every search-time setting is then measured on the evaluation queries
    through the served code path (``ScannIndex.search`` over the same
    searcher, no rebuild; narrowest first, skipping settings wider in both
@@ -109,6 +112,9 @@ def from_state(a: argparse.Namespace) -> Workload:
     facts = {"state": str(a.state), "model_version": state.version, "as_of": state.as_of.isoformat(),
              "n_state_customers": n_cust, "n_catalogue_articles": len(state.article_ids),
              "state_index": state.manifest.get("index")}
+    tuning = (state.manifest.get("index") or {}).get("tuning")
+    if tuning:  # the setting the pipeline chose for this state is its index's own
+        facts["pipeline_choice"] = {"leaves_to_search": cfg.leaves_to_search, "reorder": cfg.reorder, **tuning}
     rng = np.random.default_rng(a.seed)
     customers, truth, desc = None, None, None
     if a.warehouse:
@@ -310,6 +316,10 @@ def main() -> int:
     have_truth = wl.truth is not None
     print(f"# index benchmark: {wl.source}")
     print(f"# corpus: {n:,} recommendable articles x {d} dims; queries: {wl.query_desc}")
+    choice = wl.facts.get("pipeline_choice")
+    if choice:
+        print(f"# the pipeline's choice for this state (its manifest): rule {choice['floor_kind']!r}: "
+              f"{choice['reason']}")
     try:
         from threadpoolctl import threadpool_info
 
@@ -368,14 +378,20 @@ def main() -> int:
               f"build + tune so far {cumulative:.1f} s")
 
         rows_out = []
+        # p: the pipeline's own choice (the state's index) when its manifest says how it was made, and this is the
+        # state's build; else the recall-vs-exact pass above; r: that pass, when the two differ
+        emulated = (tuned["pick"]["leaves_to_search"], tuned["pick"]["reorder"])
+        own_build = dataclasses.replace(cfg, leaves_to_search=0, reorder=0) == dataclasses.replace(
+            wl.config, leaves_to_search=0, reorder=0)
+        chosen = (choice["leaves_to_search"], choice["reorder"]) if choice and own_build else None
         hdr = (f"{'leaves':>6} {'reorder':>7} | {'batch q/s':>10} {'x exact':>7} | {'single q/s':>10} {'x exact':>7}"
                f" | {'recall vs exact':>15}")
         if have_truth:
             hdr += f" | {'holdout R@12':>12} {'/ exact':>8} {'(se)':>8}"
         lines, met, skipped = [], [], 0
-        pick = (tuned["pick"]["leaves_to_search"], tuned["pick"]["reorder"])
+        pick = chosen or emulated
         for c in grid:
-            if dominated(c, met) and (c.leaves_to_search, c.reorder) != pick:
+            if dominated(c, met) and (c.leaves_to_search, c.reorder) not in (pick, emulated):
                 skipped += 1
                 continue
             idx = ScannIndex(built.article_ids, built._searcher, built.dim, c)  # same searcher: no rebuild
@@ -397,6 +413,7 @@ def main() -> int:
             else:
                 row["meets_floor"] = row["recall_vs_exact"] >= min_recall
             row["pipeline_pick"] = (c.leaves_to_search, c.reorder) == pick
+            row["recall_rule_pick"] = (c.leaves_to_search, c.reorder) == emulated
             rows_out.append(row)
             if row["meets_floor"]:
                 met.append(c)
@@ -404,7 +421,8 @@ def main() -> int:
         best = max(ok, key=lambda r: min(r["batch_x"], r["single_x"])) if ok else None
         print(hdr)
         for r in rows_out:
-            mark = ("*" if r is best else " ") + ("p" if r["pipeline_pick"] else " ")
+            mark = (("*" if r is best else " ") + ("p" if r["pipeline_pick"] else " ")
+                    + ("r" if r["recall_rule_pick"] and chosen and chosen != emulated else ""))
             line = (f"{r['leaves_to_search']:>6} {r['reorder']:>7} | {r['batch_qps']:>10,.0f} {r['batch_x']:>6.2f}x"
                     f" | {r['single_qps']:>10,.0f} {r['single_x']:>6.2f}x | {r['recall_vs_exact']:>15.4f}")
             if have_truth:
@@ -413,6 +431,8 @@ def main() -> int:
             lines.append(line + (" " if r["meets_floor"] else " below floor") + " " + mark)
         print("\n".join(lines))
         print("(* fastest setting meeting the floor, by the slower of its two speed-ups; p the pipeline's pick"
+              + (f" (its manifest, rule {choice['floor_kind']!r}); r the recall-vs-exact pass's" if chosen else
+                 " (the recall-vs-exact pass)")
               + (f"; {skipped} wider setting(s) than one meeting the floor not measured" if skipped else "") + ")")
 
         verdict = {
@@ -443,8 +463,9 @@ def main() -> int:
         print(f"{pm(verdict['single_5x'])} >= {SPEEDUP_TARGET:g}x exact single"
               + (f" ({best['single_x']:.2f}x)" if best else ""))
         print(f"{pm(verdict['build_tune_120s'])} build + tune <= {BUILD_TUNE_TARGET_S:g} s ({cumulative:.1f} s)")
-        print(f"{'ok  ' if verdict['pipeline_pick_meets_floor'] else 'NOTE'} the pipeline's pick (recall vs exact "
-              f">= {min_recall} on {len(tune_q):,} tuning queries) "
+        how = (f"leaves_to_search={pick[0]} reorder={pick[1]}, rule {choice['floor_kind']!r} in its manifest"
+               if chosen else f"recall vs exact >= {min_recall} on {len(tune_q):,} tuning queries")
+        print(f"{'ok  ' if verdict['pipeline_pick_meets_floor'] else 'NOTE'} the pipeline's pick ({how}) "
               f"{'meets' if verdict['pipeline_pick_meets_floor'] else 'does NOT meet'} the floor")
         if verdict["pass"] and not a.all_builds:
             break
