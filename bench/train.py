@@ -3,6 +3,7 @@
     .venv/bin/python bench/train.py                          # throughput at full-scale shapes (~2 min)
     .venv/bin/python bench/train.py --warehouse /tmp/me/wh   # + one full retrain on a 12-week window
     .venv/bin/python bench/train.py --steps 20 --threads 1   # quicker / single-threaded
+    .venv/bin/python bench/train.py --profile 10             # + where a step's time goes (torch.profiler)
 
 Throughput runs real training steps (towers, corrected in-batch softmax,
 optimisers) on random inputs with the shapes of a 12-week window of the full
@@ -115,39 +116,43 @@ def gemm_rate(mc: ModelConfig, batch: T.Batch, seconds: float = 2.0) -> float:
     return flops / (time.perf_counter() - t0)
 
 
-def run_steps(model: TwoTower, config: T.Config, batches: list[T.Batch], dense_adam: bool) -> float:
-    """Seconds per step (median of the timed steps, after 2 warm-up steps)."""
+def run_steps(model: TwoTower, config: T.Config, batches: list[T.Batch], dense_adam: bool,
+              profile: int = 0) -> float:
+    """Seconds per step of the real training step (``train.train_step`` under ``train.training_kernels``,
+    as ``fit`` runs it): median of the timed steps, after 2 warm-up steps. ``profile`` > 0 prints the
+    torch.profiler table of that many more steps."""
     tc = config.train
     if dense_adam:
         opts = [torch.optim.Adam(model.parameters(), lr=tc.lr)]
     else:
         opts = T.make_optimizers(model, config)
     times = []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        q = model.customer_embedding(torch.from_numpy(batch.cust_cats), torch.from_numpy(batch.hist),
-                                     torch.from_numpy(batch.weights))
-        a = model.article_embedding(torch.from_numpy(batch.cand_cats))[torch.from_numpy(batch.cand_inverse)]
-        loss = T.in_batch_softmax_loss(q, a, torch.from_numpy(batch.cand_rows), torch.from_numpy(batch.log_q),
-                                       tc.temperature, query_ids=torch.from_numpy(batch.customer_rows))
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    with T.training_kernels(tc.threads):
+        for i, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            T.train_step(model, opts, batch, config)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for batch in batches[2:2 + profile]:
+                    T.train_step(model, opts, batch, config)
+            print(f"\n== where a step's time goes (torch.profiler, {profile} steps; self CPU time per op)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     return float(np.median(times))
 
 
-def throughput(config: T.Config, steps: int, dense_steps: int) -> dict[str, float]:
+def throughput(config: T.Config, steps: int, dense_steps: int, profile: int = 0) -> dict[str, float]:
     torch.manual_seed(0)
     batches = random_batches(config, steps + 2)
     mc = resolved(config)
     model = TwoTower(mc)
     flops = step_flops(mc, batches[0])
     rate = gemm_rate(mc, batches[0])
-    sec = run_steps(model, config, batches, dense_adam=False)
+    sec = run_steps(model, config, batches, dense_adam=False, profile=profile)
     b = config.train.batch_size
     bound = flops / rate
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
@@ -155,9 +160,9 @@ def throughput(config: T.Config, steps: int, dense_steps: int) -> dict[str, floa
           f"B={b}, C={batches[0].cand_rows.size}, L={config.features.history_length}, threads={torch.get_num_threads()}")
     print(f"GEMM rate on the step's shapes (baseline): {rate / 1e9:7.1f} GFLOP/s")
     print(f"FLOPs per step: {flops / 1e9:.2f} GFLOP = {flops / b / 1e6:.2f} MFLOP per example")
-    print(f"sparse id updates (SparseAdam + AdamW): {sec * 1e3:7.1f} ms/step = {b / sec:8,.0f} examples/s")
+    print(f"training step (sparse Adam + AdamW):    {sec * 1e3:7.1f} ms/step = {b / sec:8,.0f} examples/s")
     print(f"  FLOP lower bound:                     {bound * 1e3:7.1f} ms/step = {b / bound:8,.0f} examples/s "
-          f"(measured / bound = {sec / bound:.2f}x)")
+          f"(measured / bound = {sec / bound:.2f}x; efficiency = bound / measured = {bound / sec:.2f}, target 0.6)")
     dense_sec = float("nan")
     if dense_steps:
         dense = TwoTower(resolved(config, sparse=False))
@@ -203,12 +208,14 @@ def main() -> int:
     p.add_argument("--config", type=Path, help="TOML schema (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--warehouse", type=Path, help="also time one full retrain on this warehouse")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="print the torch.profiler table of STEPS more steps (where the time goes)")
     a = p.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     config = T.load_config(a.config, [*a.overrides, f"train.threads={a.threads}"])
     torch.set_num_threads(a.threads)
     print(f"== training throughput at full-scale shapes ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
-    figs = throughput(config, a.steps, a.dense_steps)
+    figs = throughput(config, a.steps, a.dense_steps, a.profile)
     if a.warehouse:
         print(f"\n== one full retrain: {a.warehouse}")
         full_retrain(a.warehouse, config, figs["gemm_flops"], figs["flops_per_example"])

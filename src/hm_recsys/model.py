@@ -150,6 +150,41 @@ def _dense_bag(idx: torch.Tensor, weights: torch.Tensor, weight: torch.Tensor, p
     return w[:, :pad] @ weight[:pad]
 
 
+class _SparseBag(torch.autograd.Function):
+    """``sum_l weights[b, l] * weight[idx[b, l]]`` over the non-padding slots, with a sparse (COO) gradient.
+
+    ``F.embedding_bag(..., sparse=True, padding_idx=pad)``'s backward carries every
+    slot through (B * L gradient rows, padding included, then filtered with
+    copies) and dominated a training step's id-table work. Here the padding
+    slots are dropped before the lookup and the gradient is built directly:
+    one gradient row per real slot, ``grad[b] * weights[b, l]``; duplicates are
+    summed by the optimiser (``training.optim.RowSparseAdam``).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, pad: int) -> torch.Tensor:  # type: ignore[override]
+        b, length = idx.shape
+        is_real = idx != pad
+        real = is_real.reshape(-1).nonzero().squeeze(1)
+        flat = idx.reshape(-1).index_select(0, real)
+        w = weights.reshape(-1).index_select(0, real).to(weight.dtype)
+        counts = is_real.sum(1)
+        offsets = torch.cumsum(counts, 0).sub_(counts)
+        out = F.embedding_bag(flat, weight, offsets, mode="sum", per_sample_weights=w)
+        bags = torch.repeat_interleave(torch.arange(b), counts)
+        ctx.save_for_backward(flat, w, bags)
+        ctx.shape = weight.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        flat, w, bags = ctx.saved_tensors
+        values = grad.index_select(0, bags).mul_(w.unsqueeze(1))
+        g = torch.sparse_coo_tensor(flat.unsqueeze(0), values, ctx.shape, is_coalesced=False,
+                                    check_invariants=False)
+        return g, None, None, None
+
+
 class TwoTower(nn.Module):
     """Customer and article towers sharing nothing but (optionally) the history tables."""
 
@@ -188,9 +223,11 @@ class TwoTower(nn.Module):
         parts = [self.customer_tables[s.name](cats[:, i]) for i, s in enumerate(self.config.customer)]
         for j, s in enumerate(self.config.history):
             table = self._history_table(s.name)
-            if table.sparse or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
                 parts.append(F.embedding_bag(hist[:, :, j], table.weight, per_sample_weights=weights, mode="sum",
-                                             sparse=table.sparse, padding_idx=s.cardinality))
+                                             padding_idx=s.cardinality))
+            elif table.sparse:  # training, id table: a gradient row per real slot only
+                parts.append(_SparseBag.apply(table.weight, hist[:, :, j], weights, s.cardinality))
             else:  # training, small table: the cheaper backward (same values)
                 parts.append(_dense_bag(hist[:, :, j], weights, table.weight, s.cardinality))
         return F.normalize(self.customer_mlp(torch.cat(parts, dim=1)), dim=1)

@@ -3,7 +3,7 @@
 The code lives in ``hm_recsys.training``, one job a module, read top to
 bottom: ``run`` (the MLflow run, the CLI) -> ``fit`` (loss, epochs, early
 stopping, fusion) -> ``dataset`` (warehouse -> shards and batches), with
-``config`` (the typed config) beside them. This module only hands their
+``config`` (the typed config) and ``optim`` (the fused loss and sparse Adam) beside them. This module only hands their
 names on.
 """
 
@@ -25,6 +25,8 @@ from hm_recsys.training.fit import (
     rank,
     recommender,
     train_epoch,
+    train_step,
+    training_kernels,
 )
 from hm_recsys.training.run import MODEL_NAME, SERVED, TrainResult, holdout_models, main, resolve_split, run_training
 
@@ -60,4 +62,6 @@ __all__ = [
     "resolve_split",
     "run_training",
     "train_epoch",
+    "train_step",
+    "training_kernels",
 ]

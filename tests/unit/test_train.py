@@ -191,11 +191,14 @@ def _is_from(path, batch) -> bool:
     return all(p in pairs for p in zip(batch.customer_rows.tolist(), batch.cand_rows[:8].tolist()))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_tiny_end_to_end_beats_random_and_is_deterministic(tiny_prep, threads):
+@pytest.mark.parametrize("threads,sparse_min_rows", [(1, 4096), (2, 4096), (2, 64)])
+def test_tiny_end_to_end_beats_random_and_is_deterministic(tiny_prep, threads, sparse_min_rows):
     _, _, cfg, prep = tiny_prep
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads),
+                              model=dataclasses.replace(cfg.model, sparse_min_rows=sparse_min_rows))
     model, logs, best = T.fit(prep, cfg, progress=False)
+    if sparse_min_rows == 64:  # the id tables' path: sparse bags and RowSparseAdam
+        assert len(model.sparse_parameters()) >= 2
     random_recall = 12 / prep.tables.n_articles
     valid = logs[best - 1].valid
     assert valid["recall@12"] > 5 * random_recall, valid
@@ -360,3 +363,28 @@ def test_cli_reports_bad_options_and_missing_data_in_one_line(tmp_path, home, ca
     assert T.main(["--warehouse", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("hm-recsys train:") and "ingest" in err
+
+
+def test_prefetched_batches_are_the_same_batches_in_the_same_order(tiny_prep):
+    _, _, cfg, prep = tiny_prep
+    plain = list(T.iterate_batches(prep, cfg, np.random.default_rng(7)))
+    ahead = list(dataset.prefetched(T.iterate_batches(prep, cfg, np.random.default_rng(7))))
+    assert len(ahead) == len(plain) > 2
+    for a, b in zip(ahead, plain):
+        for f in dataclasses.fields(a):
+            np.testing.assert_array_equal(getattr(a, f.name), getattr(b, f.name))
+
+
+def test_prefetched_raises_the_producers_error_and_stops_when_left_early():
+    import threading
+
+    def broken():
+        yield 1
+        raise OSError("shard 3 is unreadable")
+
+    with pytest.raises(OSError, match="shard 3"):
+        list(dataset.prefetched(broken()))
+    endless = dataset.prefetched(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()  # leaving the loop early
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())

@@ -223,3 +223,52 @@ def iterate_batches(prep: Prepared, config: Config, rng: np.random.Generator) ->
             expected = b * q_week[cand] + tc.uniform_negatives / n_art
             yield Batch(cats, h, w, cand, ccats, inv, np.log(expected).astype(np.float32), cr)
 
+
+
+def prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """``batches``, built ``depth`` ahead in a background thread while the caller trains on the current one.
+
+    The batches and their order are exactly those of ``batches`` (one thread
+    draws from its random generator, in order), so a seed still gives the same
+    weights. Building a batch is numpy work that releases the GIL for most of
+    its time, as torch's kernels do: the two overlap. An error in the thread
+    is raised here; leaving the loop early stops the thread.
+    """
+    import queue
+    import threading
+
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for b in batches:
+                if not offer(b):
+                    return
+            offer(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(exc)
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -7,7 +7,7 @@ drawn uniformly from the catalogue are the candidates; logits are
 candidate set (the logQ sampling-bias correction, without which popular
 articles are over-penalised as negatives); other rows' copies of a row's
 positive (accidental hits) and the same customer's other purchases are masked
-out. Sparse gradients (SparseAdam) for the id tables, Adam for the rest.
+out. Sparse gradients (``optim.RowSparseAdam``) for the id tables, AdamW for the rest.
 Early stopping on the validation weeks' Recall@12; the best epoch's weights
 are kept. ``fit_fusion`` then weighs every candidate source on the validation
 weeks' buyers, served as they would have been (never the holdout).
@@ -15,18 +15,19 @@ weeks' buyers, served as they would have been (never the holdout).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hm_recsys.features import ArticleRaw, FeatureState, History
-from hm_recsys.training.dataset import Prepared, iterate_batches
+from hm_recsys.training.dataset import Batch, Prepared, iterate_batches, prefetched
 from hm_recsys.training.epochs import EpochLog
 
 if TYPE_CHECKING:
@@ -100,7 +101,8 @@ def in_batch_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, candi
         scalar loss.
     """
     import torch
-    import torch.nn.functional as F
+
+    from hm_recsys.training.optim import softmax_cross_entropy
 
     b = queries.shape[0]
     logits = corrected_logits(queries, candidates, log_q, temperature)
@@ -113,8 +115,11 @@ def in_batch_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, candi
         rows = torch.cat([r for r, _ in masked])
         cols = torch.cat([c for _, c in masked])
         if rows.numel():
-            logits = logits.index_put_((rows, cols), torch.tensor(float("-inf")))
-    return F.cross_entropy(logits, torch.arange(b))
+            # Outside autograd: a masked logit's gradient is its softmax probability, exactly 0 at -inf,
+            # so tracking the mask would only add a (B, C) pass. The matmul saves its inputs, not this output.
+            with torch.no_grad():
+                logits.index_put_((rows, cols), torch.tensor(float("-inf")))
+    return softmax_cross_entropy(logits)
 
 
 # ---------------------------------------------------------------------------
@@ -131,32 +136,71 @@ def build_model(config: Config, state: FeatureState) -> TwoTower:
     return TwoTower(mc)
 
 
+def train_step(model: TwoTower, optimizers: Sequence[torch.optim.Optimizer], batch: Batch, config: Config) -> float:
+    """One optimisation step on one batch (towers, corrected sampled softmax, optimisers); returns the loss."""
+    import torch
+
+    tc = config.train
+    q = model.customer_embedding(torch.from_numpy(batch.cust_cats), torch.from_numpy(batch.hist),
+                                 torch.from_numpy(batch.weights))
+    a = model.article_embedding(torch.from_numpy(batch.cand_cats))[torch.from_numpy(batch.cand_inverse)]
+    loss = in_batch_softmax_loss(
+        q, a, torch.from_numpy(batch.cand_rows),
+        torch.from_numpy(batch.log_q) if tc.logq_correction else None, tc.temperature,
+        query_ids=torch.from_numpy(batch.customer_rows) if tc.mask_same_customer else None,
+        mask_accidental_hits=tc.mask_accidental_hits)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return float(loss.detach())
+
+
+@contextlib.contextmanager
+def training_kernels(threads: int) -> Iterator[None]:
+    """The settings every fit runs under (and ``bench/train.py`` with it), restored after.
+
+    Bit-reproducible for a seed at any thread count: torch's deterministic
+    kernels are on. (Without them, two 2-thread fits on `small` differed in 32
+    of their tensors; with them, in none.) Deterministic mode would also fill
+    every new buffer with NaN, in case a kernel read memory it never wrote;
+    none of the step's kernels does (``test_train``'s determinism test
+    compares every weight), and the fill was an extra pass over each (B, C)
+    buffer, so it is off. Freed buffers are kept for reuse
+    (``optim.keep_freed_memory``).
+    """
+    import torch
+    import torch.utils.deterministic
+
+    from hm_recsys.training.optim import keep_freed_memory
+
+    keep_freed_memory()
+    was = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory,
+           torch.get_num_threads())
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0])
+        torch.utils.deterministic.fill_uninitialized_memory = was[1]
+        torch.set_num_threads(was[2])
+
+
 def train_epoch(model: TwoTower, optimizers: Sequence[torch.optim.Optimizer], prep: Prepared, config: Config,
                 rng: np.random.Generator, progress: bool = True, desc: str = "train") -> tuple[list[float], int]:
     """One pass over the training shards; returns (per-step losses, examples seen)."""
     import torch
     from tqdm.auto import tqdm
 
-    tc = config.train
     model.train()
     losses: list[float] = []
     seen = 0
     bar = tqdm(total=prep.n_examples, desc=desc, unit="ex", unit_scale=True, disable=not progress)
-    for batch in iterate_batches(prep, config, rng):
-        q = model.customer_embedding(torch.from_numpy(batch.cust_cats), torch.from_numpy(batch.hist),
-                                     torch.from_numpy(batch.weights))
-        a = model.article_embedding(torch.from_numpy(batch.cand_cats))[torch.from_numpy(batch.cand_inverse)]
-        loss = in_batch_softmax_loss(
-            q, a, torch.from_numpy(batch.cand_rows),
-            torch.from_numpy(batch.log_q) if tc.logq_correction else None, tc.temperature,
-            query_ids=torch.from_numpy(batch.customer_rows) if tc.mask_same_customer else None,
-            mask_accidental_hits=tc.mask_accidental_hits)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        value = float(loss.detach())
+    for batch in prefetched(iterate_batches(prep, config, rng)):
+        value = train_step(model, optimizers, batch, config)
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {len(losses)}; lower train.lr "
                                      f"or raise train.temperature")
@@ -171,15 +215,18 @@ def train_epoch(model: TwoTower, optimizers: Sequence[torch.optim.Optimizer], pr
 
 
 def make_optimizers(model: TwoTower, config: Config) -> list[torch.optim.Optimizer]:
-    """SparseAdam for the sparse id tables (only touched rows move), AdamW for the rest."""
+    """Sparse Adam for the id tables (only touched rows move; ``RowSparseAdam``), AdamW for the rest."""
     import torch
 
+    from hm_recsys.training.optim import RowSparseAdam
+
     tc = config.train
+    # fused: one kernel over all ~30 dense tensors instead of a dozen ops per tensor (3x faster on CPU)
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(model.dense_parameters(), lr=tc.lr,
-                                                           weight_decay=tc.weight_decay)]
+                                                           weight_decay=tc.weight_decay, fused=True)]
     sparse = model.sparse_parameters()
     if sparse:
-        opts.append(torch.optim.SparseAdam(sparse, lr=tc.sparse_lr))
+        opts.append(RowSparseAdam(sparse, lr=tc.sparse_lr))
     return opts
 
 
@@ -229,19 +276,10 @@ def fit(prep: Prepared, config: Config, progress: bool = True,
         on_epoch: typing.Callable[[EpochLog], None] | None = None) -> tuple[TwoTower, list[EpochLog], int]:
     """Train with early stopping; returns (model with the best epoch's weights, epoch logs, best epoch).
 
-    Bit-reproducible for a seed at any thread count: torch's deterministic
-    kernels are switched on for the fit and restored after. (Without them,
-    two 2-thread fits on `small` differed in 32 of their tensors; with them,
-    in none, for ~7% more fit time.)
+    Bit-reproducible for a seed at any thread count (``training_kernels``).
     """
-    import torch
-
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with training_kernels(config.train.threads):
         return _fit(prep, config, progress, on_epoch)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _fit(prep: Prepared, config: Config, progress: bool,
@@ -249,7 +287,6 @@ def _fit(prep: Prepared, config: Config, progress: bool,
     import torch
 
     tc = config.train
-    torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     model = build_model(config, prep.state)

@@ -1,0 +1,151 @@
+"""The training step's two memory-bound parts, fused: the sampled-softmax cross-entropy and the sparse Adam.
+
+Profiling a full-scale step (``bench/train.py --profile``: B = 2048 positives,
+C = 2560 candidates, 12.6M parameters of which 12.4M in id tables, 2 threads)
+showed the matrix products were not where the time went:
+
+* ``F.cross_entropy`` over the (B, C) logits, after masking them with an
+  autograd-tracked ``index_put_``, made four full passes with fresh (B, C)
+  buffers in the backward (mask, NLL, log-softmax, each zero-filled or copied);
+* ``torch.optim.SparseAdam`` coalesced every sparse gradient by sorting and
+  built several sparse tensors per table.
+
+``softmax_cross_entropy`` keeps one (B, C) buffer: log-softmax forward, and in
+the backward the same buffer becomes ``(softmax - onehot) / B`` in place.
+``RowSparseAdam`` is SparseAdam's update (lazy Adam: only the rows a batch
+touched move, bias correction by the global step) on the touched rows,
+gathered without a sort. Both are deterministic on CPU (no atomics; the
+duplicate rows of a gradient are summed by ``index_add_`` in index order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+
+import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse freed tensor buffers instead of returning them to the OS (glibc only).
+
+    A step allocates several (B, C) buffers of ~20 MiB; above glibc's dynamic
+    mmap threshold each is a fresh ``mmap`` whose pages fault in on first touch
+    and go back with ``munmap`` when freed, every step. Raising the mmap
+    threshold to its ceiling and the trim threshold to 1 GiB keeps them in the
+    heap for reuse: 10-25% of a full-scale step (``bench/train.py``). The cost
+    is that the process keeps up to 1 GiB of freed memory. Returns whether it
+    applied (False off glibc).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean over rows of ``-log softmax(logits)[i, i]``: row i's positive is column i."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        log_p = torch.log_softmax(logits, dim=1)
+        ctx.save_for_backward(log_p)
+        return -log_p.diagonal().mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (log_p,) = ctx.saved_tensors
+        b = log_p.shape[0]
+        out = log_p.exp_()  # the saved buffer is ours and read once: softmax in place
+        out.diagonal().sub_(1.0)
+        return out.mul_(grad / b)
+
+
+def softmax_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits, arange(B))`` for a (B, C >= B) matrix, in one (B, C) buffer.
+
+    Masked entries may be ``-inf`` (their gradient is then exactly 0, as
+    through ``F.cross_entropy``). The backward reuses the saved buffer, so the
+    graph can be backpropagated once (no ``retain_graph``).
+    """
+    if logits.dim() != 2 or logits.shape[1] < logits.shape[0]:
+        raise ValueError(f"expected (B, C >= B) logits, got {tuple(logits.shape)}")
+    return _SoftmaxCrossEntropy.apply(logits)
+
+
+class RowSparseAdam(torch.optim.Optimizer):
+    """``torch.optim.SparseAdam``'s update for sparse (COO) gradients, without sorting them.
+
+    For each parameter with a gradient: the touched rows are found with a
+    boolean mask over the table (O(rows + nnz)), their gradients summed, and
+    Adam's moments and the parameter updated on those rows only::
+
+        m_r += (1 - beta1) * (g_r - m_r);  v_r += (1 - beta2) * (g_r^2 - v_r)
+        p_r -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m_r / (sqrt(v_r) + eps)
+
+    where t counts this optimizer's steps (as in SparseAdam).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if lr <= 0 or eps <= 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid RowSparseAdam settings: lr={lr}, betas={betas}, eps={eps}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("RowSparseAdam takes no closure")
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("RowSparseAdam takes sparse gradients; use Adam(W) for dense parameters")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    # both moments of a row side by side: one gather and one scatter per step, not two
+                    state["moments"] = torch.zeros((p.shape[0], 2, *p.shape[1:]), dtype=p.dtype)
+                    state["position"] = torch.empty(p.shape[0], dtype=torch.int64)
+                state["step"] += 1
+                rows, g = _summed_rows(p.grad, state["position"])
+                if rows.numel() == 0:
+                    continue
+                t = state["step"]
+                moments = state["moments"].index_select(0, rows)
+                m, v = moments[:, 0], moments[:, 1]
+                m.lerp_(g, 1.0 - beta1)
+                v.lerp_(g.square(), 1.0 - beta2)
+                state["moments"].index_copy_(0, rows, moments)
+                step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+                p.index_add_(0, rows, m.div(v.sqrt().add_(eps)).mul_(-step_size))
+
+    def state_tensors(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) moment tables of ``p``, shaped like it (zeros before its first step)."""
+        moments = self.state[p].get("moments")
+        if moments is None:
+            return torch.zeros_like(p), torch.zeros_like(p)
+        return moments[:, 0], moments[:, 1]
+
+
+def _summed_rows(grad: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(touched rows ascending, their summed gradient rows) of an uncoalesced sparse COO gradient."""
+    if grad.is_coalesced():
+        return grad.indices()[0], grad.values()
+    idx = grad._indices()[0]
+    values = grad._values()
+    touched = torch.zeros(position.shape[0], dtype=torch.bool)
+    touched[idx] = True
+    rows = touched.nonzero().squeeze(1)
+    position[rows] = torch.arange(rows.numel())
+    summed = torch.zeros((rows.numel(), *values.shape[1:]), dtype=values.dtype)
+    summed.index_add_(0, position[idx], values)
+    return rows, summed
