@@ -16,6 +16,10 @@ uniform negatives) and prints, next to it, figures measured in the same run:
 * the dense-gradient baseline: the same model with every table dense and
   Adam on all of it, the naive alternative to sparse id updates.
 
+Then every full-scale customer (1.37M) is scored through the customer tower's
+inference path, as a served state's query embeddings are, against that
+pass's FLOP lower bound at the same GEMM rate (skip with ``--no-scoring``).
+
 ``--warehouse`` then runs ``train.run_training`` (data replay, training with
 early stopping, holdout evaluation with baselines, bundle, MLflow logging)
 into a throwaway runtime folder and prints the wall time of each stage with
@@ -173,6 +177,47 @@ def throughput(config: T.Config, steps: int, dense_steps: int, profile: int = 0)
             "flops_per_example": flops / b, "dense_examples_per_second": b / dense_sec}
 
 
+N_CUSTOMERS = 1_371_980  # every customer of the full data: what a served state embeds
+
+
+def scoring(config: T.Config, gemm: float, chunk: int = 65_536) -> dict[str, float]:
+    """Query embeddings of every customer (the served state's ``queries.npy``; the gate's and evaluation's
+    scoring is the same tower on fewer customers) through the inference path, against its FLOP bound."""
+    fc = config.features
+    mc = resolved(config)
+    model = TwoTower(mc).eval()
+    rng = np.random.default_rng(1)
+    L = fc.history_length
+    # one chunk of random inputs, reused: input building is the feature replay's cost, timed by the pipeline
+    cats = torch.from_numpy(np.stack([rng.integers(0, FULL_CARDS[f], chunk) for f in fc.customer], 1))
+    n_hist = rng.integers(0, L + 1, chunk)
+    pad = np.arange(L)[None, :] >= n_hist[:, None]
+    hist = np.stack([np.where(pad, FULL_CARDS[f], rng.integers(0, FULL_CARDS[f], (chunk, L))) for f in fc.history], 2)
+    w = np.where(pad, 0.0, 1.0)
+    w = torch.from_numpy((w / np.maximum(w.sum(1, keepdims=True), 1)).astype(np.float32))
+    hist = torch.from_numpy(hist)
+    d_in = sum(s.dim for s in mc.customer) + sum(s.dim for s in mc.history)
+    dims = [d_in, *mc.customer_layers, mc.output_dim]
+    flops_per_customer = sum(2 * a * b for a, b in zip(dims, dims[1:]))
+    with torch.inference_mode():
+        model.customer_embedding(cats[:1024], hist[:1024], w[:1024])  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < N_CUSTOMERS:
+            n = min(chunk, N_CUSTOMERS - done)
+            model.customer_embedding(cats[:n], hist[:n], w[:n])
+            done += n
+        sec = time.perf_counter() - t0
+    bound = N_CUSTOMERS * flops_per_customer / gemm
+    print(f"\n== scoring every customer: {N_CUSTOMERS:,} query embeddings (customer tower, inference path, "
+          f"chunks of {chunk:,})")
+    print(f"  measured {sec:6.1f} s = {N_CUSTOMERS / sec:,.0f} customers/s (target <= 60 s: "
+          f"{'PASS' if sec <= 60 else 'MISS'})")
+    print(f"  FLOP lower bound {bound:6.1f} s ({flops_per_customer / 1e3:.0f} kFLOP per customer at the GEMM rate "
+          f"above; efficiency = bound / measured = {bound / sec:.2f})")
+    return {"score_seconds": sec, "score_bound_seconds": bound}
+
+
 def full_retrain(warehouse: Path, config: T.Config, gemm: float, flops_per_example: float) -> None:
     import json
 
@@ -208,6 +253,7 @@ def main() -> int:
     p.add_argument("--config", type=Path, help="TOML schema (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--warehouse", type=Path, help="also time one full retrain on this warehouse")
+    p.add_argument("--no-scoring", action="store_true", help="skip scoring every customer (~10-20 s)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="print the torch.profiler table of STEPS more steps (where the time goes)")
     a = p.parse_args()
@@ -216,6 +262,8 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     print(f"== training throughput at full-scale shapes ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
     figs = throughput(config, a.steps, a.dense_steps, a.profile)
+    if not a.no_scoring:
+        figs.update(scoring(config, figs["gemm_flops"]))
     if a.warehouse:
         print(f"\n== one full retrain: {a.warehouse}")
         full_retrain(a.warehouse, config, figs["gemm_flops"], figs["flops_per_example"])
