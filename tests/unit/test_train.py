@@ -363,28 +363,3 @@ def test_cli_reports_bad_options_and_missing_data_in_one_line(tmp_path, home, ca
     assert T.main(["--warehouse", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("hm-recsys train:") and "ingest" in err
-
-
-def test_prefetched_batches_are_the_same_batches_in_the_same_order(tiny_prep):
-    _, _, cfg, prep = tiny_prep
-    plain = list(T.iterate_batches(prep, cfg, np.random.default_rng(7)))
-    ahead = list(dataset.prefetched(T.iterate_batches(prep, cfg, np.random.default_rng(7))))
-    assert len(ahead) == len(plain) > 2
-    for a, b in zip(ahead, plain):
-        for f in dataclasses.fields(a):
-            np.testing.assert_array_equal(getattr(a, f.name), getattr(b, f.name))
-
-
-def test_prefetched_raises_the_producers_error_and_stops_when_left_early():
-    import threading
-
-    def broken():
-        yield 1
-        raise OSError("shard 3 is unreadable")
-
-    with pytest.raises(OSError, match="shard 3"):
-        list(dataset.prefetched(broken()))
-    endless = dataset.prefetched(iter(range(10**9)), depth=2)
-    assert next(endless) == 0
-    endless.close()  # leaving the loop early
-    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hm_recsys.features import ArticleRaw, FeatureState, History
-from hm_recsys.training.dataset import Batch, Prepared, iterate_batches, prefetched
+from hm_recsys.training.dataset import Batch, Prepared, iterate_batches
 from hm_recsys.training.epochs import EpochLog
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def train_epoch(model: TwoTower, optimizers: Sequence[torch.optim.Optimizer], pr
     losses: list[float] = []
     seen = 0
     bar = tqdm(total=prep.n_examples, desc=desc, unit="ex", unit_scale=True, disable=not progress)
-    for batch in prefetched(iterate_batches(prep, config, rng)):
+    for batch in iterate_batches(prep, config, rng):
         value = train_step(model, optimizers, batch, config)
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {len(losses)}; lower train.lr "
