@@ -334,8 +334,8 @@ def build_index(registered: Mapping, run_id: str, settings: Settings | None = No
     """Build the challenger's served state as of the holdout's start: features, candidate tables, ScaNN index.
 
     It is what the gate scores. The index's search setting is chosen on the
-    holdout week's truth (the cheapest whose holdout Recall@12 and two-tower
-    candidate recall are >= 0.99 x exact search's; else nothing is built) and
+    holdout week's truth (the cheapest whose holdout Recall@12 is >= 0.99 x
+    exact search's; else nothing is built) and
     recorded on the version (tag ``index_search``), so the states served
     later for this version start from it (``publish_state``). A retry finds a
     verified state and reuses it.
