@@ -66,24 +66,31 @@ def resolved(config: T.Config, sparse: bool = True) -> ModelConfig:
     return mc.with_features(pick(fc.customer), pick(fc.article), pick(fc.history))
 
 
+def random_customer_inputs(fc: FeatureConfig, n: int, rng: np.random.Generator):
+    """``(cats, hist, weights)`` of ``n`` customers: full-scale ids, 0..L history slots each (padding = cardinality),
+    equal weights over the real slots (``FeatureState.customer_inputs``' layout)."""
+    L = fc.history_length
+    cats = np.stack([rng.integers(0, FULL_CARDS[f], n) for f in fc.customer], 1)
+    n_hist = rng.integers(0, L + 1, n)
+    hist = np.stack([rng.integers(0, FULL_CARDS[f], (n, L)) for f in fc.history], 2)
+    pad = np.arange(L)[None, :] >= n_hist[:, None]
+    for j, f in enumerate(fc.history):
+        hist[:, :, j][pad] = FULL_CARDS[f]
+    w = np.where(pad, 0.0, 1.0)
+    return cats, hist, (w / np.maximum(w.sum(1, keepdims=True), 1)).astype(np.float32)
+
+
 def random_batches(config: T.Config, n: int, seed: int = 0) -> list[T.Batch]:
     """Batches with the shapes and duplication of real ones (Zipf-like article popularity)."""
     rng = np.random.default_rng(seed)
     fc, tc = config.features, config.train
-    b, m, L = tc.batch_size, tc.uniform_negatives, fc.history_length
+    b, m = tc.batch_size, tc.uniform_negatives
     pop = 1.0 / np.arange(1, N_ARTICLES + 1) ** 0.9
     pop /= pop.sum()
     art_feats = np.stack([rng.integers(0, FULL_CARDS[f], N_ARTICLES) for f in fc.article], 1)
     out = []
     for _ in range(n):
-        cats = np.stack([rng.integers(0, FULL_CARDS[f], b) for f in fc.customer], 1)
-        n_hist = rng.integers(0, L + 1, b)
-        hist = np.stack([rng.integers(0, FULL_CARDS[f], (b, L)) for f in fc.history], 2)
-        pad = np.arange(L)[None, :] >= n_hist[:, None]
-        for j, f in enumerate(fc.history):
-            hist[:, :, j][pad] = FULL_CARDS[f]
-        w = np.where(pad, 0.0, 1.0)
-        w = (w / np.maximum(w.sum(1, keepdims=True), 1)).astype(np.float32)
+        cats, hist, w = random_customer_inputs(fc, b, rng)
         pos = rng.choice(N_ARTICLES, b, p=pop)
         cand = np.concatenate([pos, rng.integers(0, N_ARTICLES, m)])
         uniq, inv = np.unique(cand, return_inverse=True)
@@ -93,16 +100,18 @@ def random_batches(config: T.Config, n: int, seed: int = 0) -> list[T.Batch]:
     return out
 
 
+def mlp_flops(mc: ModelConfig, tower: str) -> int:
+    """Forward FLOPs of one row through a tower's MLP (``tower``: "customer" or "article")."""
+    inputs = (*mc.customer, *mc.history) if tower == "customer" else mc.article
+    d_in = sum(s.dim for s in inputs)
+    dims = [d_in, *getattr(mc, f"{tower}_layers"), mc.output_dim]
+    return sum(2 * a * b for a, b in zip(dims, dims[1:]))
+
+
 def step_flops(mc: ModelConfig, batch: T.Batch) -> float:
     """Matrix-multiply FLOPs of one training step (forward + backward = 3x forward)."""
-    def mlp(d_in: int, hidden: tuple[int, ...]) -> int:
-        dims = [d_in, *hidden, mc.output_dim]
-        return sum(2 * a * b for a, b in zip(dims, dims[1:]))
-
-    d_c = sum(s.dim for s in mc.customer) + sum(s.dim for s in mc.history)
-    d_a = sum(s.dim for s in mc.article)
     b, c, u = batch.customer_rows.size, batch.cand_rows.size, batch.cand_cats.shape[0]
-    forward = b * mlp(d_c, mc.customer_layers) + u * mlp(d_a, mc.article_layers) + 2 * b * c * mc.output_dim
+    forward = b * mlp_flops(mc, "customer") + u * mlp_flops(mc, "article") + 2 * b * c * mc.output_dim
     return 3.0 * forward
 
 
@@ -183,22 +192,11 @@ N_CUSTOMERS = 1_371_980  # every customer of the full data: what a served state 
 def scoring(config: T.Config, gemm: float, chunk: int = 65_536) -> dict[str, float]:
     """Query embeddings of every customer (the served state's ``queries.npy``; the gate's and evaluation's
     scoring is the same tower on fewer customers) through the inference path, against its FLOP bound."""
-    fc = config.features
     mc = resolved(config)
     model = TwoTower(mc).eval()
-    rng = np.random.default_rng(1)
-    L = fc.history_length
     # one chunk of random inputs, reused: input building is the feature replay's cost, timed by the pipeline
-    cats = torch.from_numpy(np.stack([rng.integers(0, FULL_CARDS[f], chunk) for f in fc.customer], 1))
-    n_hist = rng.integers(0, L + 1, chunk)
-    pad = np.arange(L)[None, :] >= n_hist[:, None]
-    hist = np.stack([np.where(pad, FULL_CARDS[f], rng.integers(0, FULL_CARDS[f], (chunk, L))) for f in fc.history], 2)
-    w = np.where(pad, 0.0, 1.0)
-    w = torch.from_numpy((w / np.maximum(w.sum(1, keepdims=True), 1)).astype(np.float32))
-    hist = torch.from_numpy(hist)
-    d_in = sum(s.dim for s in mc.customer) + sum(s.dim for s in mc.history)
-    dims = [d_in, *mc.customer_layers, mc.output_dim]
-    flops_per_customer = sum(2 * a * b for a, b in zip(dims, dims[1:]))
+    cats, hist, w = map(torch.from_numpy, random_customer_inputs(config.features, chunk, np.random.default_rng(1)))
+    flops_per_customer = mlp_flops(mc, "customer")
     with torch.inference_mode():
         model.customer_embedding(cats[:1024], hist[:1024], w[:1024])  # warm-up
         t0 = time.perf_counter()

@@ -192,7 +192,6 @@ def training_kernels(threads: int) -> Iterator[None]:
 def train_epoch(model: TwoTower, optimizers: Sequence[torch.optim.Optimizer], prep: Prepared, config: Config,
                 rng: np.random.Generator, progress: bool = True, desc: str = "train") -> tuple[list[float], int]:
     """One pass over the training shards; returns (per-step losses, examples seen)."""
-    import torch
     from tqdm.auto import tqdm
 
     model.train()
