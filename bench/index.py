@@ -61,7 +61,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hm_recsys.index import ExactIndex, ScannConfig, ScannIndex  # noqa: E402
+from hm_recsys.index import ExactIndex, ScannConfig, ScannIndex, overlap  # noqa: E402
 
 K = 12
 SPEEDUP_TARGET = 5.0
@@ -159,12 +159,6 @@ def holdout(warehouse: Path, as_of: dt.date):
 # ---------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------
-def overlap(got: np.ndarray, want: np.ndarray) -> float:
-    """Mean |top-k ∩ exact top-k| / k (rows compared, never scores)."""
-    k = want.shape[1]
-    return float((got[:, :, None] == want[:, None, :]).any(axis=2).sum(axis=1).mean() / k) if len(want) else 1.0
-
-
 def batched_time(index, queries: np.ndarray, k: int = K, chunk: int = 65_536):
     """Seconds to answer ``queries`` in batches through ``index.search``, and the rows.
 

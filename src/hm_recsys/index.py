@@ -230,13 +230,10 @@ class ScannIndex:
 
 def recall_vs_exact(approx: Index, exact: ExactIndex, queries: np.ndarray, k: int = 12) -> float:
     """Mean |approx top-k ∩ exact top-k| / k over the queries (ids compared, never scores)."""
-    a, _ = approx.search(queries, k)
-    e, _ = exact.search(queries, k)
-    hits = [len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, e)]
-    return float(np.mean(hits) / min(k, len(exact.article_ids))) if hits else 1.0
+    return overlap(approx.search(queries, k)[0], exact.search(queries, k)[0])
 
 
-def _overlap(got: np.ndarray, want: np.ndarray) -> float:
+def overlap(got: np.ndarray, want: np.ndarray) -> float:
     """Mean |got row ∩ want row| / k, ``want`` (n, k) the exact top-k rows (rows compared, never scores)."""
     if not len(want):
         return 1.0
@@ -624,7 +621,7 @@ def build_index(
         return ScannIndex(article_ids, built._searcher, exact.dim, c)
 
     def vs_exact(c: ScannConfig) -> float:
-        return _overlap(at(c).search(queries, k)[0], want)
+        return overlap(at(c).search(queries, k)[0], want)
 
     judge = _TruthJudge(truth.sample(rule.max_truth_queries), exact) if truth is not None else None
     note = ""
