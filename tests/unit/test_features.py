@@ -129,6 +129,23 @@ def test_history_window_keeps_last_distinct_articles_before_as_of():
     assert sub.customer_rows.tolist() == [1] and sub.items(1).tolist() == [7]
 
 
+@pytest.mark.parametrize("n_customers", [50, 1 << 60])  # the second is too wide to pack: the lexsort path
+def test_latest_per_pair_matches_sorting_the_columns(n_customers):
+    """The packed-key sorts give exactly the rows and order of sorting (customer, article, age) column-wise."""
+    from hm_recsys.features import _latest_per_pair
+
+    rng = np.random.default_rng(3)
+    n = 5000  # many repeats: the same pair on the same and on different days
+    c = rng.integers(0, 50, n) * (n_customers // 50)
+    a, age = rng.integers(0, 40, n), rng.integers(1, 30, n)
+    got = _latest_per_pair(c, a, age)
+    best = {}
+    for ci, ai, gi in zip(c.tolist(), a.tolist(), age.tolist()):
+        best[(ci, ai)] = min(gi, best.get((ci, ai), gi))
+    want = sorted((ci, gi, ai) for (ci, ai), gi in best.items())
+    assert list(zip(got[0].tolist(), got[2].tolist(), got[1].tolist())) == want
+
+
 def test_history_save_load_round_trip(tmp_path):
     h = History(WED, np.array([1, 4], np.int32), np.array([0, 2, 3]), np.array([3, 2, 9], np.int32),
                 np.array([1, 5, 2], np.int32))
