@@ -16,7 +16,9 @@
       fusion.json                  the fusion of candidate sources fitted on the validation weeks
                                    (``hm_recsys.fusion``); config.json's "retrieval" says which sources
       data_window.json             the split, the weeks read and a SHA-256 of the training data
-      metrics.json                 holdout metrics: served, the towers alone, the baselines, the oracle
+      metrics.json                 holdout metrics (served, the towers alone, the baselines, the oracle;
+                                   from the pipeline: a note that its gate scored them), best epoch,
+                                   validation metrics per epoch, the fusion
 
 Nothing is pickled: JSON, Parquet, NPZ (``allow_pickle=False``) and a tensor
 state_dict. ``load(folder)`` rebuilds the towers from ``config.json`` alone.

@@ -16,6 +16,7 @@ the whole flow also runs without Airflow.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -238,8 +239,8 @@ def train(snapshot: Mapping, params: Mapping, run_id: str, settings: Settings | 
             settings, config, split=split, run_name=f"retrain {run_key(run_id)}",
             tags={"airflow_run_id": run_id, "snapshot_sha256": snapshot["data_hash"]},
             progress=progress, warehouse=settings.layout.from_shared(snapshot["warehouse"]),
+            evaluate_holdout=False,  # the gate scores the holdout through the served index (evaluate)
         )
-        print(result.table)
         mlflow_run_id, bundle_dir, model_uri = result.run_id, result.bundle_dir, result.model_uri
         with mlflow.start_run(run_id=mlflow_run_id):
             # The bundle also as a plain run artifact: what Registry.fetch downloads for serving.
@@ -386,9 +387,12 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
     import mlflow
 
     from hm_recsys import evaluate as ev
+    from hm_recsys import tracking
+    from hm_recsys.fusion import Fusion
     from hm_recsys.gate import GateConfig, decide
     from hm_recsys.registry import CHAMPION, Registry
     from hm_recsys.served import ServedState
+    from hm_recsys.training.run import MODEL_NAME, SERVED
 
     settings = settings or Settings.from_env()
     reg = Registry(settings)
@@ -400,7 +404,12 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
     state_dir = settings.layout.from_shared(indexed["state_dir"])
     challenger = ServedState.load(state_dir, expected_version=version, expected_as_of=split.holdout_start)
     name = f"challenger v{version}"
-    models: dict[str, dict[str, list[str]]] = {name: challenger.predictions(customers, 100)}
+    towers = f"v{version} towers alone"
+    models: dict[str, dict[str, list[str]]] = {
+        name: challenger.predictions(customers, 100),
+        towers: challenger.predictions(customers, 100, fusion=Fusion.single("two_tower"),
+                                       config=dataclasses.replace(challenger.config, sources=("two_tower",))),
+    }
     champion = reg.get(CHAMPION)
     if champion is not None and champion.version != version:
         until = champion_trained_until(champion)
@@ -417,7 +426,7 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
         champion = None
     models.update(ev.baselines_for_split(wh, split, k=100, customers=customers, progress=False))
     catalogue = ev.warehouse_catalogue_size(wh)
-    results, _ = ev.score_all(models, truth, catalogue_size=catalogue, max_k=100)
+    results, curves = ev.score_all(models, truth, catalogue_size=catalogue, max_k=100)
 
     per = {n: ev.per_customer_metrics(models[n], truth, k=12).recall for n in models}
     force = (params.get("force_reason") or "").strip() if params.get("force_promote") else None
@@ -438,10 +447,20 @@ def evaluate(indexed: Mapping, params: Mapping, run_id: str | None = None, setti
                       "gate.holdout_week": split.holdout_start.isoformat()})
     with mlflow.start_run(run_id=indexed["mlflow_run_id"]) as run:
         for model, res in results.items():
+            if model == towers:
+                continue
             key = "challenger" if model.startswith("challenger") else "champion" if model.startswith("champion") \
                 else model
             for metric in ("recall@12", "recall@100", "map@12"):
                 mlflow.log_metric(f"gate.{key.replace('+', '_')}.{metric.replace('@', '_at_')}", res[metric])
+        # The run's headline holdout metrics (its training left the holdout to this gate): what the version
+        # serves, the towers alone, every baseline (and the oracle), as `hm-recsys train` logs them.
+        own = {SERVED: results[name], MODEL_NAME: results[towers],
+               **{m: r for m, r in results.items() if m in ev.BASELINES or m == ev.ORACLE}}
+        tracking.log_results(own, best_epoch=None, model_name=SERVED)
+        tracking.log_recall_plot({SERVED: curves[name], MODEL_NAME: curves[towers],
+                                  **{m: c for m, c in curves.items() if m in own}}, title=f"holdout week {week}")
+        mlflow.log_text(table + "\n", "metrics_table.txt")
         mlflow.set_tags({"gate.decision": "promote" if decision.promote else "keep", "gate.reason": decision.reason,
                          "gate.rule": decision.rule})
         mlflow.log_text(table + "\n\n" + decision.reason + "\n", "gate/comparison.txt")

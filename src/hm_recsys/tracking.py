@@ -110,15 +110,17 @@ def log_epoch(log: EpochLog) -> None:
         client.log_batch(run_id, metrics=batch[s:s + 900])
 
 
-def log_results(results: Mapping[str, Mapping[str, float]], best_epoch: int, model_name: str = "served") -> None:
+def log_results(results: Mapping[str, Mapping[str, float]], best_epoch: int | None, model_name: str = "served") -> None:
     """Final holdout metrics: the model's bare, every other row prefixed, oracle fractions and lifts.
+
+    ``best_epoch`` None: not logged here (the training run logged it).
 
     ``lift_vs_best_baseline.*`` compares with the best heuristic on Recall@12
     (``evaluate.best_baseline``), which is what the gate demands beating.
     """
     from hm_recsys.evaluate import BASELINES, ORACLE, best_baseline
 
-    out: dict[str, float] = {"best_epoch": float(best_epoch)}
+    out: dict[str, float] = {} if best_epoch is None else {"best_epoch": float(best_epoch)}
     for name, res in results.items():
         prefix = "" if name == model_name else f"{metric_key(name)}."
         for k, v in res.items():
@@ -146,8 +148,18 @@ def log_fusion(fusion) -> None:
     mlflow.log_dict(fusion.to_dict(), "fusion.json")
 
 
+def log_recall_plot(curves: Mapping[str, np.ndarray], title: str) -> None:
+    """``plots/recall_at_k.png`` alone: Recall@K of each model (the gate's, for a run that left it the holdout)."""
+    from hm_recsys.evaluate import plot_recall_curves
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(plot_recall_curves(curves, Path(tmp) / "recall_at_k.png", title=f"Recall@K, {title}")),
+                            "plots")
+
+
 def log_plots(logs: Sequence[EpochLog], curves: Mapping[str, np.ndarray], title: str) -> None:
-    """``plots/recall_at_k.png`` (model vs baselines vs oracle), ``plots/loss.png``, ``plots/valid_recall.png``."""
+    """``plots/recall_at_k.png`` (model vs baselines vs oracle; with ``curves``), ``plots/loss.png``,
+    ``plots/valid_recall.png``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -155,7 +167,8 @@ def log_plots(logs: Sequence[EpochLog], curves: Mapping[str, np.ndarray], title:
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        plot_recall_curves(curves, d / "recall_at_k.png", title=f"Recall@K, {title}")
+        if curves:  # none when the run left the holdout to its caller (which logs them: log_recall_plot)
+            plot_recall_curves(curves, d / "recall_at_k.png", title=f"Recall@K, {title}")
         losses = np.concatenate([np.asarray(e.step_losses, dtype=float) for e in logs])
         fig = Figure(figsize=(8, 4.5), dpi=110)
         FigureCanvasAgg(fig)

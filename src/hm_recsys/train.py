@@ -28,10 +28,20 @@ from hm_recsys.training.fit import (
     train_step,
     training_kernels,
 )
-from hm_recsys.training.run import MODEL_NAME, SERVED, TrainResult, holdout_models, main, resolve_split, run_training
+from hm_recsys.training.run import (
+    HOLDOUT_BY_CALLER,
+    MODEL_NAME,
+    SERVED,
+    TrainResult,
+    holdout_models,
+    main,
+    resolve_split,
+    run_training,
+)
 
 __all__ = [
     "EARLY_STOPPING_METRICS",
+    "HOLDOUT_BY_CALLER",
     "MODEL_NAME",
     "SERVED",
     "Batch",

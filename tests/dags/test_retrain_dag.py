@@ -106,11 +106,15 @@ def test_first_good_run_promotes_and_serves_the_newest_week_second_is_refused(da
 def test_parity_dag_cli_train_and_retrain_learn_the_same_model(dag, retrain_env, tmp_path):
     """Same data, seed and config: the DAG's model == `hm-recsys train`'s == `hm-recsys retrain`'s.
 
-    Same holdout metrics to the last digit, identical feature state (vocabularies, histories, article
-    facts) and fusion. The DAG and `retrain` train on their snapshot, `train` on the warehouse itself.
+    The same weights to the last bit, the same validation metrics every epoch, identical feature state
+    (vocabularies, histories, article facts) and fusion. The DAG and `retrain` train on their snapshot,
+    `train` on the warehouse itself. The pipeline's train leaves the holdout to its gate, which logs
+    the same headline metrics to the run as `hm-recsys train` does.
     """
+    import hashlib
     import json
 
+    import mlflow
     import numpy as np
     import pandas as pd
 
@@ -133,7 +137,11 @@ def test_parity_dag_cli_train_and_retrain_learn_the_same_model(dag, retrain_env,
         with np.load(feats / "history.npz") as z:
             hist = {k: z[k].tolist() for k in z.files}
         return {
-            "metrics": json.loads((folder / "metrics.json").read_text())["holdout"],
+            "weights": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
+            "epochs": [{k: v for k, v in e.items() if k not in ("seconds", "examples_per_second")}  # not timings
+                       for e in json.loads((folder / "metrics.json").read_text())["epochs"]],
+            "valid": {k: v for k, v in json.loads((folder / "metrics.json").read_text()).items()
+                      if k in ("best_epoch", "valid")},
             "state": (feats / "state.json").read_text(),
             "vocabularies": pd.read_parquet(feats / "vocabularies.parquet").to_dict("list"),
             "articles": pd.read_parquet(feats / "articles.parquet").astype(str).to_dict("list"),  # NaN == NaN
@@ -143,6 +151,13 @@ def test_parity_dag_cli_train_and_retrain_learn_the_same_model(dag, retrain_env,
         }
 
     want = facts(cli.bundle_dir)
+    assert json.loads((cli.bundle_dir / "metrics.json").read_text())["holdout"]["served"]["recall@12"] > 0
+    # the DAG's run: the gate scored the holdout through the served index and logged it as `train` does
+    run = mlflow.MlflowClient(Settings.from_env().mlflow_tracking_uri).get_run(reg.version("2").run_id)
+    assert run.data.tags["holdout_evaluation"] == T.HOLDOUT_BY_CALLER
+    m = run.data.metrics
+    assert m["recall_at_12"] == pytest.approx(m["gate.challenger.recall_at_12"])
+    assert {"two-tower.recall_at_12", "lift_vs_best_baseline.recall_at_12", "best_epoch"} <= set(m)
     # XCom carries paths relative to the shared data root: the same files on any worker host
     assert not Path(retrained["bundle_dir"]).is_absolute() and not Path(retrained["warehouse"]).is_absolute()
     for other in (dag_bundle, Settings.from_env().layout.from_shared(retrained["bundle_dir"])):

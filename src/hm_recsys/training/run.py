@@ -10,7 +10,9 @@
 4. Evaluate on the holdout week as served (``holdout_models``: histories as
    of its start, the same code path as ``/recommend``), next to the
    towers alone, every heuristic baseline and, on generated data, the oracle
-   (``hm_recsys.evaluate``).
+   (``hm_recsys.evaluate``). The pipeline skips this step
+   (``evaluate_holdout=False``): its gate scores the same holdout through the
+   served index and logs those figures to this run (``pipeline.evaluate``).
 5. Write the bundle (``hm_recsys.bundle``) and log params, per-epoch metrics,
    final metrics, plots and the pyfunc model to MLflow (``hm_recsys.tracking``).
 
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 
 MODEL_NAME = "two-tower"  # the towers alone, through the served index
 SERVED = "served"  # what /recommend answers: every candidate source, fused
+# The bundle's holdout metrics and the run's tag when the caller scores the holdout (the pipeline's gate).
+HOLDOUT_BY_CALLER = "scored by the gate (pipeline.evaluate), through the served index, logged to this run"
 
 
 @dataclass
@@ -53,7 +57,8 @@ class TrainResult:
 
     ``metrics``: holdout results by model name (``served``: what ``/recommend``
     answers; ``two-tower``: the towers alone; every ``evaluate.BASELINES``; and
-    ``oracle`` when the data has one), each ``evaluate.evaluate_rankings``' dict.
+    ``oracle`` when the data has one), each ``evaluate.evaluate_rankings``' dict;
+    empty when the run did not evaluate the holdout (``evaluate_holdout=False``).
     ``table``: the comparison table text. ``seconds``: wall time of
     ``prepare``, ``fit``, ``fusion``, ``evaluate``, ``log`` (bundle + MLflow) and ``total``.
     """
@@ -105,12 +110,15 @@ def resolve_split(warehouse: Warehouse, config: Config, holdout_week: dt.date | 
 
 def run_training(settings: Settings, config: Config, split: Split | None = None, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, progress: bool = True,
-                 warehouse: Warehouse | Path | str | None = None) -> TrainResult:
+                 warehouse: Warehouse | Path | str | None = None, evaluate_holdout: bool = True) -> TrainResult:
     """Train the towers, fit the fusion, evaluate as served, write the bundle and log it all to one MLflow run.
 
     ``warehouse`` defaults to ``settings.layout.warehouse_dir``; ``split`` to
     ``resolve_split(warehouse, config)``. The bundle lands in
-    ``settings.layout.bundle_dir(run_id)``.
+    ``settings.layout.bundle_dir(run_id)``. ``evaluate_holdout=False`` skips
+    step 4 (the run is tagged ``holdout_evaluation``): for a caller that
+    scores the holdout itself, as the pipeline's gate does, through the index
+    it will serve, and logs that to this run (``tracking.log_results``).
     """
     import mlflow
 
@@ -152,18 +160,28 @@ def run_training(settings: Settings, config: Config, split: Split | None = None,
             tracking.log_fusion(fusion)
             clock["fusion"] = time.perf_counter()
             rec = recommender(model, prep, prep.end_history, prep.end_raw)
-            models, truth = holdout_models(rec, fusion, config, warehouse, split, scratch / "holdout-state", label,
-                                           progress)
+            if evaluate_holdout:
+                models, truth = holdout_models(rec, fusion, config, warehouse, split, scratch / "holdout-state",
+                                               label, progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         tc = config.train
-        results, curves = evaluate.score_all(models, truth, catalogue_size=prep.tables.n_articles, max_k=tc.eval_k)
-        clock["evaluate"] = time.perf_counter()
         week = f"{split.holdout_start}..{split.holdout_end - dt.timedelta(days=1)}"
-        table = evaluate.comparison_table(results, title=f"holdout week {week}: {len(truth):,} scored customers "
-                                                         f"({SERVED} = what /recommend answers)")
+        results: dict[str, dict[str, float]] = {}
+        curves: dict = {}
+        table = ""
+        if evaluate_holdout:
+            results, curves = evaluate.score_all(models, truth, catalogue_size=prep.tables.n_articles,
+                                                 max_k=tc.eval_k)
+            table = evaluate.comparison_table(results, title=f"holdout week {week}: {len(truth):,} scored "
+                                                             f"customers ({SERVED} = what /recommend answers)")
+            example_ids = list(truth.customer_ids[:2])
+        else:
+            mlflow.set_tag("holdout_evaluation", HOLDOUT_BY_CALLER)
+            example_ids = [c for vw in prep.valid for c in sorted(vw.truth)][:2]
+        clock["evaluate"] = time.perf_counter()
         metrics = {
-            "holdout": results,
+            "holdout": results if evaluate_holdout else HOLDOUT_BY_CALLER,
             "best_epoch": best_epoch,
             "valid": logs[best_epoch - 1].valid,
             "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "seconds": e.seconds,
@@ -175,11 +193,14 @@ def run_training(settings: Settings, config: Config, split: Split | None = None,
                        "train": dataclasses.asdict(config.train), "retrieval": config.retrieval.to_dict()}
         bundle_dir = bundle.save(settings.layout.bundle_dir(run_id), rec, full_config, prep.data_window, metrics,
                                  fusion=fusion)
-        tracking.log_results(results, best_epoch, model_name=SERVED)
+        if evaluate_holdout:
+            tracking.log_results(results, best_epoch, model_name=SERVED)
+            mlflow.log_text(table + "\n", "metrics_table.txt")
+        else:
+            mlflow.log_metric("best_epoch", float(best_epoch))
         tracking.log_plots(logs, curves, title=f"holdout week {week}")
-        mlflow.log_text(table + "\n", "metrics_table.txt")
         mlflow.log_dict(prep.data_window, "data_window.json")
-        info = tracking.log_model(bundle_dir, example_ids=list(truth.customer_ids[:2]))
+        info = tracking.log_model(bundle_dir, example_ids=example_ids)
         clock["log"] = time.perf_counter()
         stages = ["start", "prepare", "fit", "fusion", "evaluate", "log"]
         seconds = {b: clock[b] - clock[a] for a, b in zip(stages, stages[1:])}
