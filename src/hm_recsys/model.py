@@ -146,7 +146,9 @@ def _dense_bag(idx: torch.Tensor, weights: torch.Tensor, weight: torch.Tensor, p
     """
     b = idx.shape[0]
     w = torch.zeros(b, pad + 1, dtype=weight.dtype)
-    w.index_put_((torch.arange(b).unsqueeze(1).expand_as(idx), idx), weights.to(weight.dtype), accumulate=True)
+    # one index_add_ into the flat (B, V + 1) buffer: index_put_(accumulate=True) sorts under deterministic mode
+    flat = idx.add(torch.arange(0, b * (pad + 1), pad + 1).unsqueeze(1)).reshape(-1)
+    w.view(-1).index_add_(0, flat, weights.reshape(-1).to(weight.dtype))
     return w[:, :pad] @ weight[:pad]
 
 

@@ -25,6 +25,20 @@ def test_softmax_cross_entropy_matches_torch_with_masked_entries():
     assert ours_in.grad[0, 3] == 0 and ours_in.grad[5, 0] == 0
 
 
+def test_softmax_cross_entropy_is_exact_when_a_positive_underflows():
+    """A positive ~200 below its row's best has softmax 0 in float32: the loss still matches torch's, finite."""
+    logits = torch.zeros(3, 5)
+    logits[1, 1] = -200.0  # row 1's own column
+    logits[2, 4] = 150.0
+    ours_in, ref_in = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ours, ref = softmax_cross_entropy(ours_in), F.cross_entropy(ref_in, torch.arange(3))
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+
+
 def test_softmax_cross_entropy_rejects_fewer_columns_than_rows():
     with pytest.raises(ValueError, match="C >= B"):
         softmax_cross_entropy(torch.zeros(4, 3))

@@ -10,8 +10,9 @@ showed the matrix products were not where the time went:
 * ``torch.optim.SparseAdam`` coalesced every sparse gradient by sorting and
   built several sparse tensors per table.
 
-``softmax_cross_entropy`` keeps one (B, C) buffer: log-softmax forward, and in
-the backward the same buffer becomes ``(softmax - onehot) / B`` in place.
+``softmax_cross_entropy`` keeps one (B, C) buffer: the softmax in the forward
+(the loss from its diagonal), and in the backward the same buffer becomes
+``(softmax - onehot) / B`` in place, one pass.
 ``RowSparseAdam`` is SparseAdam's update (lazy Adam: only the rows a batch
 touched move, bias correction by the global step) on the touched rows,
 gathered without a sort. Both are deterministic on CPU (no atomics; the
@@ -28,6 +29,7 @@ import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny) + 10  # below: a softmax entry near float32's smallest normal
 
 
 def keep_freed_memory() -> bool:
@@ -55,17 +57,24 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        log_p = torch.log_softmax(logits, dim=1)
-        ctx.save_for_backward(log_p)
-        return -log_p.diagonal().mean()
+        p = torch.softmax(logits, dim=1)  # saved: the backward is then one in-place pass over it
+        ctx.save_for_backward(p)
+        log_p = p.diagonal().log()
+        low = log_p < _LOG_TINY  # so small it may have rounded: exact from the logits for those rows
+        if bool(low.any()):
+            rows = low.nonzero().squeeze(1)
+            z = logits.index_select(0, rows)
+            log_p[rows] = z.gather(1, rows.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=1)
+        return -log_p.mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (log_p,) = ctx.saved_tensors
-        b = log_p.shape[0]
-        out = log_p.exp_()  # the saved buffer is ours and read once: softmax in place
-        out.diagonal().sub_(1.0)
-        return out.mul_(grad / b)
+        (p,) = ctx.saved_tensors
+        b = p.shape[0]
+        scale = grad / b
+        out = p.mul_(scale)  # the saved buffer is ours and read once: (softmax - onehot) / B in place
+        out.diagonal().sub_(scale)
+        return out
 
 
 def softmax_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
