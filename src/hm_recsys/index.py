@@ -117,12 +117,21 @@ class ExactIndex:
         return np.concatenate([r for r, _ in parts]), np.concatenate([s for _, s in parts])
 
     def _search_chunk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         scores = q @ self.embeddings.T  # (n, N)
         if k < scores.shape[1]:
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            top = torch.topk(torch.from_numpy(scores), k, dim=1)  # ~10x faster than np.argpartition here
+            part, part_scores = top.indices.numpy(), top.values.numpy()
+            kth = part_scores[:, -1:]
+            # a query whose k-th score ties rows left out: its top-k is the lowest rows among the tied
+            for i in np.flatnonzero((scores == kth).sum(1) > (part_scores == kth).sum(1)):
+                keep = np.flatnonzero(scores[i] >= kth[i, 0])
+                part[i] = keep[np.lexsort((keep, -scores[i, keep]))[:k]]
+                part_scores[i] = scores[i, part[i]]
         else:
             part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-        part_scores = np.take_along_axis(scores, part, axis=1)
+            part_scores = np.take_along_axis(scores, part, axis=1)
         # Ties broken by row so the exact answer is deterministic.
         order = np.lexsort((part, -part_scores), axis=1)
         rows = np.take_along_axis(part, order, axis=1).astype(np.int64)
@@ -408,26 +417,28 @@ def _exact_hits(queries: np.ndarray, emb: np.ndarray, pair_q: np.ndarray, pair_r
                 ks: Sequence[int]) -> np.ndarray:
     """``bool (P, len(ks))``: is row ``pair_r[p]`` in ``ExactIndex``'s top-k of query ``pair_q[p]``, per k.
 
-    One matmul and one partition per chunk of queries instead of sorting every
-    query's top-k (~4x cheaper than ``ExactIndex.search``). A row is in the
-    top-k when fewer than k rows beat it: a higher score, or the same score
-    and a lower row (the order ``ExactIndex`` sorts by).
+    One matmul and one ``torch.topk`` of the scores (values only) per chunk of
+    queries instead of sorting every query's top-k. A row is in the top-k when
+    fewer than k rows beat it: a higher score, or the same score and a lower
+    row (the order ``ExactIndex`` sorts by).
     """
+    import torch
+
     n_art = emb.shape[0]
     ks = [min(int(k), n_art) for k in ks]
     out = np.zeros((pair_q.size, len(ks)), dtype=bool)
     step = max(1, ExactIndex._CHUNK_FLOATS // n_art)
-    kths = sorted({n_art - k for k in ks})
     for s in range(0, queries.shape[0], step):
         at = np.flatnonzero((pair_q >= s) & (pair_q < s + step))
         if not at.size:
             continue
         scores = queries[s:s + step] @ emb.T
-        part = np.partition(scores, kths, axis=1)
+        # the k-th highest score of each query, per k (~10x faster than np.partition on (1200, 55k))
+        kth = torch.topk(torch.from_numpy(scores), max(ks), dim=1, sorted=True).values.numpy()
         q, r = pair_q[at] - s, pair_r[at]
         own = scores[q, r]
         for j, k in enumerate(ks):
-            t = part[q, n_art - k]  # the k-th highest score of each pair's query
+            t = kth[q, k - 1]  # the k-th highest score of each pair's query
             hit = own > t
             for i in np.flatnonzero(own == t):  # a tie with the k-th: rare, settled the way ExactIndex does
                 row = scores[q[i]]

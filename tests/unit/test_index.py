@@ -59,6 +59,19 @@ def test_exact_index_breaks_ties_by_row():
     assert rows.tolist() == [[0, 1, 2]]
 
 
+def test_exact_index_is_the_top_k_by_score_then_row_with_many_ties():
+    """Scores on a coarse grid tie everywhere, also across the k-th place: the lowest rows among ties win."""
+    rng = np.random.default_rng(5)
+    emb = rng.integers(-2, 3, (300, 4)).astype(np.float32)
+    queries = rng.integers(-2, 3, (50, 4)).astype(np.float32)
+    rows, scores = ExactIndex(_ids(300), emb).search(queries, k=12)
+    full = queries @ emb.T
+    for q in range(len(queries)):
+        want = np.lexsort((np.arange(300), -full[q]))[:12]
+        assert rows[q].tolist() == want.tolist()
+        np.testing.assert_array_equal(scores[q], full[q, want])
+
+
 def test_scann_brute_force_equals_exact():
     emb = _clustered(500)
     q = _clustered(50, seed=1)
