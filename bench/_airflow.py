@@ -12,9 +12,11 @@
   LocalExecutor worker that supervises a task instance is titled
   ``airflow worker -- LocalExecutor: <ti id>`` and the task process it forks
   ``airflow worker -- <ti id>``; everything below them belongs to that task
-  instance. For those processes it also reads PSS (``/proc/<pid>/smaps_rollup``):
-  the worker is a fork of the scheduler and the task a fork of the worker, so
-  their RSS counts shared pages more than once, PSS once. (The supervising
+  instance. For those processes it also reads PSS (``/proc/<pid>/smaps_rollup``),
+  on every ``pss_every``-th sample only (the kernel walks a process's whole
+  address space for it: for a 4 GiB training task that is CPU taken from the
+  2 cores being measured): the worker is a fork of the scheduler and the task
+  a fork of the worker, so their RSS counts shared pages more than once, PSS once. (The supervising
   worker keeps its title for a few seconds after its task process exited,
   finishing up; ``Sample.running`` holds the TI ids whose task process is alive.)
 """
@@ -205,9 +207,9 @@ class Sample:
 class TreeSampler(threading.Thread):
     """Samples the process trees under ``roots`` (name -> PID) every ``interval`` s until ``stop()``."""
 
-    def __init__(self, roots: dict[str, int], interval: float = 0.5):
+    def __init__(self, roots: dict[str, int], interval: float = 0.5, pss_every: int = 10):
         super().__init__(name="tree-sampler", daemon=True)
-        self.roots, self.interval = roots, interval
+        self.roots, self.interval, self.pss_every = roots, interval, max(1, pss_every)
         self.samples: list[Sample] = []
         self.cpu_seconds = 0.0  # this thread's own CPU time: what the sampling cost
         self._halt = threading.Event()
@@ -225,6 +227,7 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> Sample:
         t = time.time()
+        read_pss = len(self.samples) % self.pss_every == 0  # else PSS counts 0 in this sample
         roots: dict[str, int] = {}
         tasks: dict[str, tuple[int, int, int]] = {}
         running: set[str] = set()
@@ -250,7 +253,7 @@ class TreeSampler(threading.Thread):
                 if ti is None:
                     continue
                 try:
-                    pss = psutil.Process(pid).memory_full_info().pss
+                    pss = psutil.Process(pid).memory_full_info().pss if read_pss else 0
                 except psutil.Error:
                     continue
                 rss0, pss0, n0 = tasks.get(ti, (0, 0, 0))

@@ -32,7 +32,7 @@ Everything happens in one fresh runtime folder (``HM_RECSYS_HOME``; default
    start, end and duration come from the REST API.
 
 It prints each task's wall time (REST API: end - start), its share of the
-DAG's total, and the peak RSS and PSS summed over its process tree (the
+DAG's total, and the peak RSS (every 0.5 s) and PSS (every 5 s) summed over its process tree (the
 LocalExecutor worker that supervises it, ~0.14 GiB RSS mostly shared with the
 scheduler, the task process and its children); the time between tasks
 (scheduling); the DAG's total wall time (first task start -> last task end)
@@ -274,8 +274,8 @@ def report(result: dict) -> None:
     print(f"peak RSS of whole trees: scheduler (scheduler, executor workers, tasks) "
           f"{result['scheduler_tree_peak_rss_gib']:.2f} GiB, service {result['service_tree_peak_rss_gib']:.2f} GiB")
     s = result["sampler"]
-    print(f"sampler: {s['samples']} samples every {s['interval_s']} s, {s['cpu_s']:.1f} CPU s of this process; "
-          f"a task shorter than the interval may show no sample (-)")
+    print(f"sampler: {s['samples']} samples every {s['interval_s']} s (PSS on every {s.get('pss_every', 1)}th), "
+          f"{s['cpu_s']:.1f} CPU s of this process; a task shorter than the interval may show no sample (-)")
     p = result["prep"]
     print(f"not in the total: generate {p['generate']['seconds']:.1f} s (peak RSS {p['generate']['peak_rss_gib']:.2f} "
           f"GiB), ingest {p['ingest']['seconds']:.1f} s (peak RSS {p['ingest']['peak_rss_gib']:.2f} GiB), "
@@ -375,7 +375,7 @@ def main() -> int:
             "max_concurrent_task_processes": concurrent,
             "scheduler_tree_peak_rss_gib": tree_peak("scheduler"),
             "service_tree_peak_rss_gib": tree_peak("service"),
-            "sampler": {"interval_s": sampler.interval, "samples": len(sampler.samples),
+            "sampler": {"interval_s": sampler.interval, "pss_every": sampler.pss_every, "samples": len(sampler.samples),
                         "cpu_s": round(sampler.cpu_seconds, 2)},
             "prep": prep,
         }
