@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from hm_recsys.arrays import unique
 from hm_recsys.features import History, config_from_dict, config_to_dict
 
 SOURCES = ("two_tower", "repurchase", "item_to_item", "same_product", "trending", "age_trending")
@@ -362,7 +363,7 @@ def generate(config: RetrievalConfig, tables: CandidateTables, history: History,
             rows.append(ka)
     # -- the pool: unique (customer, article) pairs of allowed articles
     if groups:
-        key = np.unique(np.concatenate(groups) * n + np.concatenate(rows))
+        key = unique(np.concatenate(groups) * n + np.concatenate(rows))
     else:
         key = np.zeros(0, dtype=np.int64)
     g, a = np.divmod(key, n)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hm_recsys.arrays import unique
 from hm_recsys.cli import iso_date
 
 if TYPE_CHECKING:  # pandas and the warehouse are only needed by the loaders and baselines
@@ -155,7 +156,7 @@ def _distinct_by_customer(tx: pd.DataFrame, what: str) -> Iterator[tuple[str, li
     if cc.size == 0:
         return iter(())
     width = np.int64(max(len(art), 1))
-    pc, pa = np.divmod(np.unique(cc * width + ac), width)
+    pc, pa = np.divmod(unique(cc * width + ac), width)
     starts = np.flatnonzero(np.r_[True, pc[1:] != pc[:-1]])
     names = art[pa].tolist()
     bounds = np.r_[starts, pc.size].tolist()

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hm_recsys.arrays import unique
 from hm_recsys.data.schema import week_start
 
 if TYPE_CHECKING:
@@ -377,7 +378,7 @@ class History:
 
     def subset(self, rows: np.ndarray) -> History:
         """The history restricted to the customer rows in ``rows`` (any order, repeats ok)."""
-        keep = np.unique(np.asarray(rows, dtype=np.int64))
+        keep = unique(np.asarray(rows, dtype=np.int64))
         keep = keep[np.isin(keep, self.customer_rows)]
         start, n = self._positions(keep)
         src = np.repeat(start, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))

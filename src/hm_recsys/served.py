@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hm_recsys.arrays import unique
 from hm_recsys.candidates import Candidates, CandidateTables, RetrievalConfig, build_tables, generate, top_k
 from hm_recsys.features import History, positions
 from hm_recsys.fsutil import file_sha256, staged_dir
@@ -162,7 +163,7 @@ class ServedState:
         for i, c in enumerate(customer_ids):
             rows = self.article_index.get_indexer(list(truth.get(c, ())))
             keys.append(i * n + rows[rows >= 0])
-        bought = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        bought = unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
         return np.isin(cands.group * n + cands.rows, bought)
 
     def recommend(self, customer_ids: Sequence[str], k: int = 12, exclude_purchased: bool = False
@@ -350,7 +351,7 @@ def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version:
         table_rows = np.arange(tables.n_customers, dtype=np.int64)
     else:
         found = tables.customer_rows(list(customers))
-        table_rows = np.unique(found[found < tables.unknown_row])
+        table_rows = unique(found[found < tables.unknown_row])
     ids = np.asarray(tables.customer_index)[table_rows]
     d = served.dim
     queries = np.empty((table_rows.size + 1, d), dtype=np.float32)

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hm_recsys.arrays import unique
 from hm_recsys.data import schema
 
 WEEK = dt.timedelta(days=7)
@@ -1144,9 +1145,9 @@ class _Stats:
         # an exact duplicate = same day, customer, article, price and channel
         key = ((res["day"].astype(np.int64) * self.n_customers + res["customer"]) * self.n_articles + res["article"])
         key = (key * self.n_prices + res["price"]) * 2 + (res["channel"] - 1)
-        self.dup[w] = len(key) - len(np.unique(key))
+        self.dup[w] = len(key) - len(unique(key))
         pair = res["customer"].astype(np.int64) * self.n_articles + res["article"]
-        upair = np.unique(pair)
+        upair = unique(pair)
         self.lines_distinct[w] = len(upair)
         self.sales += np.bincount(res["article"], minlength=self.n_articles)
         samp = upair[(upair // self.n_articles) % self.stride == 0]
@@ -1160,7 +1161,7 @@ class _Stats:
         """Recall@12 of the oracle, last-week popularity and last-8 + popularity on this week's buyers."""
         k = 12
         pop = np.lexsort((np.arange(len(pop_counts)), -pop_counts))[:k]
-        rel_pairs = np.unique(res["line_customer"].astype(np.int64) * self.n_articles + res["line_article"])
+        rel_pairs = unique(res["line_customer"].astype(np.int64) * self.n_articles + res["line_article"])
         rel_c = rel_pairs // self.n_articles
         rel_a = rel_pairs % self.n_articles
         buyers = res["buyers"]
