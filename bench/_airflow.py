@@ -200,7 +200,7 @@ _TI_TITLE = re.compile(r"airflow worker -- (LocalExecutor(?: \[[^\]]*\])?: )?"
 class Sample:
     t: float  # seconds since the epoch
     roots: dict[str, int]  # root name -> RSS bytes summed over its whole process tree
-    tasks: dict[str, tuple[int, int, int]]  # TI id -> (RSS, PSS bytes, processes) of the tree running it
+    tasks: dict[str, tuple[int, int, int]]  # TI id -> (RSS, PSS bytes or -1 if not read, processes) of its tree
     running: set[str]  # TI ids whose task process (not only its supervising worker) is alive
 
 
@@ -253,11 +253,11 @@ class TreeSampler(threading.Thread):
                 if ti is None:
                     continue
                 try:
-                    pss = psutil.Process(pid).memory_full_info().pss if read_pss else 0
+                    pss = psutil.Process(pid).memory_full_info().pss if read_pss else -1  # -1: not read
                 except psutil.Error:
                     continue
-                rss0, pss0, n0 = tasks.get(ti, (0, 0, 0))
-                tasks[ti] = (rss0 + info[pid][1], pss0 + pss, n0 + 1)
+                rss0, pss0, n0 = tasks.get(ti, (0, 0 if read_pss else -1, 0))
+                tasks[ti] = (rss0 + info[pid][1], pss0 + pss if read_pss else -1, n0 + 1)
         return Sample(t, roots, tasks, running)
 
 

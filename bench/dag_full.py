@@ -236,13 +236,14 @@ def memory_by_task(samples, tis: list[dict], tries: list[dict]) -> tuple[dict[st
 
     peaks: dict[str, dict] = {}
     for ti_id in spans:
-        p = peaks.setdefault(owner(ti_id)["task_id"], {"peak_rss_gib": 0.0, "peak_pss_gib": 0.0, "samples": 0,
+        p = peaks.setdefault(owner(ti_id)["task_id"], {"peak_rss_gib": 0.0, "peak_pss_gib": None, "samples": 0,
                                                         "max_processes": 0})
         for s in samples:
             if ti_id in s.tasks:
                 rss, pss, n = s.tasks[ti_id]
                 p["peak_rss_gib"] = max(p["peak_rss_gib"], rss / GIB)
-                p["peak_pss_gib"] = max(p["peak_pss_gib"], pss / GIB)
+                if pss >= 0:  # PSS is read on every pss_every-th sample only
+                    p["peak_pss_gib"] = max(p["peak_pss_gib"] or 0.0, pss / GIB)
                 p["max_processes"] = max(p["max_processes"], n)
                 p["samples"] += 1
     concurrent = max((len(s.running) for s in samples), default=0)
@@ -259,7 +260,8 @@ def report(result: dict) -> None:
     print(f"\n{'task':<20}{'try':>4}{'wall s':>10}{'share':>8}{'peak RSS GiB':>14}{'peak PSS GiB':>14}")
     for t in result["tasks"]:
         m = t["memory"]
-        mem = f"{m['peak_rss_gib']:>14.2f}{m['peak_pss_gib']:>14.2f}" if m else f"{'-':>14}{'-':>14}"
+        pss = "-" if not m or m["peak_pss_gib"] is None else f"{m['peak_pss_gib']:.2f}"
+        mem = f"{m['peak_rss_gib']:>14.2f}{pss:>14}" if m else f"{'-':>14}{'-':>14}"
         print(f"{t['task_id']:<20}{t['try_number']:>4}{t['wall_s']:>10.1f}{t['wall_s'] / total:>8.1%}{mem}"
               + ("" if t["state"] == "success" else f"  {t['state'].upper()}"))
     print(f"{'(between tasks)':<24}{result['between_tasks_s']:>10.1f}{result['between_tasks_s'] / total:>8.1%}")

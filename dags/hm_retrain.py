@@ -22,10 +22,10 @@ week defaults to the last complete week in the warehouse.
 | `validate_incoming` | `var/data/incoming/` | pending drops validated (Great Expectations) and ingested, or quarantined: a rejected drop fails the run here, before any training |
 | `check_data` | warehouse | the split (train / validation week(s) / holdout week) and the features' history lookback; fails if weeks are missing |
 | `build_snapshot` | warehouse | a frozen, hard-linked copy of every partition the run reads (history lookback included) under `var/runs/<run>/snapshot`, and its content hash |
-| `train` | snapshot | the towers and the fusion of candidate sources (fitted on the validation weeks); an MLflow run (params, fusion, per-epoch metrics, plots, model) and the bundle path; a retry reuses a finished run |
+| `train` | snapshot | the towers and the fusion of candidate sources (fitted on the validation weeks); an MLflow run (params, fusion, per-epoch metrics, plots, model) and the bundle path; the holdout is left to `evaluate`; a retry reuses a finished run |
 | `register` | MLflow run | a model version of `hm-recsys-two-tower`, alias `challenger`; idempotent on this Airflow run id |
 | `build_index` | bundle | the challenger's served state as of the holdout's start: candidate tables and a ScaNN index whose search setting is the cheapest keeping >= 0.99 x exact search's holdout recall (version tag `index_search`, which later served states start from) |
-| `evaluate` | holdout week | challenger vs champion, each as served, vs every heuristic (vs oracle); the gate's decision and the rule that decided as version tags |
+| `evaluate` | holdout week | challenger vs champion, each as served, vs every heuristic (vs oracle); the gate's decision and the rule that decided as version tags; the challenger's holdout metrics (served, towers alone, lifts, Recall@K plot) logged to its training run |
 | `gate` | decision | branches to `promote` or `keep_champion` |
 | `promote` → `deploy` | registry | compare-and-set of alias `champion` on the judged champion (old one `previous-champion`), then the state as of the newest week published, a Bento built and the running service hot-swapped |
 | `keep_champion` | decision | nothing changes; the reason is in the task log and on the version's tags |
