@@ -358,8 +358,8 @@ def main() -> int:
         tasks = [{"task_id": ti["task_id"], "state": ti["state"], "try_number": ti["try_number"],
                   "start": ti["start_date"], "end": ti["end_date"],
                   "wall_s": round(_ts(ti["end_date"]) - _ts(ti["start_date"]), 2),
-                  "memory": {k: round(v, 3) for k, v in peaks[ti["task_id"]].items()} if ti["task_id"] in peaks
-                  else None} for ti in ran]
+                  "memory": ({k: None if v is None else round(v, 3) for k, v in peaks[ti["task_id"]].items()}
+                             if ti["task_id"] in peaks else None)} for ti in ran]
         intervals = sorted((_ts(t["start_date"]), _ts(t["end_date"])) for t in tries if t["end_date"])
 
         def tree_peak(name: str) -> float:
