@@ -149,7 +149,8 @@ def log_fusion(fusion) -> None:
 
 
 def log_recall_plot(curves: Mapping[str, np.ndarray], title: str) -> None:
-    """``plots/recall_at_k.png`` alone: Recall@K of each model (the gate's, for a run that left it the holdout)."""
+    """``plots/recall_at_k.png``: Recall@K of each model (``log_plots``, and the gate's for a run that left it
+    the holdout)."""
     from hm_recsys.evaluate import plot_recall_curves
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,12 +164,10 @@ def log_plots(logs: Sequence[EpochLog], curves: Mapping[str, np.ndarray], title:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from hm_recsys.evaluate import plot_recall_curves
-
+    if curves:  # none when the run left the holdout to its caller (which logs them: log_recall_plot)
+        log_recall_plot(curves, title)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        if curves:  # none when the run left the holdout to its caller (which logs them: log_recall_plot)
-            plot_recall_curves(curves, d / "recall_at_k.png", title=f"Recall@K, {title}")
         losses = np.concatenate([np.asarray(e.step_losses, dtype=float) for e in logs])
         fig = Figure(figsize=(8, 4.5), dpi=110)
         FigureCanvasAgg(fig)
