@@ -16,8 +16,8 @@
   on every ``pss_every``-th sample only (the kernel walks a process's whole
   address space for it: for a 4 GiB training task that is CPU taken from the
   2 cores being measured): the worker is a fork of the scheduler and the task
-  a fork of the worker, so their RSS counts shared pages more than once, PSS once. (The supervising
-  worker keeps its title for a few seconds after its task process exited,
+  a fork of the worker, so their RSS counts shared pages more than once, PSS
+  once. (The supervising worker keeps its title for a few seconds after its task process exited,
   finishing up; ``Sample.running`` holds the TI ids whose task process is alive.)
 """
 
@@ -227,7 +227,7 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> Sample:
         t = time.time()
-        read_pss = len(self.samples) % self.pss_every == 0  # else PSS counts 0 in this sample
+        read_pss = len(self.samples) % self.pss_every == 0  # else every task's PSS is -1 (not read) here
         roots: dict[str, int] = {}
         tasks: dict[str, tuple[int, int, int]] = {}
         running: set[str] = set()
@@ -253,11 +253,13 @@ class TreeSampler(threading.Thread):
                 if ti is None:
                     continue
                 try:
-                    pss = psutil.Process(pid).memory_full_info().pss if read_pss else -1  # -1: not read
+                    pss = psutil.Process(pid).memory_full_info().pss if read_pss else 0
                 except psutil.Error:
                     continue
-                rss0, pss0, n0 = tasks.get(ti, (0, 0 if read_pss else -1, 0))
-                tasks[ti] = (rss0 + info[pid][1], pss0 + pss if read_pss else -1, n0 + 1)
+                rss0, pss0, n0 = tasks.get(ti, (0, 0, 0))
+                tasks[ti] = (rss0 + info[pid][1], pss0 + pss, n0 + 1)
+        if not read_pss:
+            tasks = {ti: (rss, -1, n) for ti, (rss, _, n) in tasks.items()}
         return Sample(t, roots, tasks, running)
 
 

@@ -32,9 +32,10 @@ Everything happens in one fresh runtime folder (``HM_RECSYS_HOME``; default
    start, end and duration come from the REST API.
 
 It prints each task's wall time (REST API: end - start), its share of the
-DAG's total, and the peak RSS (every 0.5 s) and PSS (every 5 s) summed over its process tree (the
-LocalExecutor worker that supervises it, ~0.14 GiB RSS mostly shared with the
-scheduler, the task process and its children); the time between tasks
+DAG's total, and the peak RSS (read every 0.5 s) and PSS (every 5 s) summed
+over its process tree (the LocalExecutor worker that supervises it, ~0.14
+GiB RSS mostly shared with the scheduler, the task process and its
+children); the time between tasks
 (scheduling); the DAG's total wall time (first task start -> last task end)
 as a ratio to the 900 s goal; whether only one task ran at a time (task
 intervals, and task processes seen alive at once); the scale (customers,
