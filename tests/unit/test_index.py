@@ -388,9 +388,11 @@ def test_brute_force_is_taken_on_truth_and_measured(tmp_path):
 
 def test_exact_hits_match_exact_index_including_ties():
     rng = np.random.default_rng(3)
-    emb = _clustered(500, d=8)
+    # coordinates on a 1/16 grid: every dot product is exact in float32, so the ties below are exact
+    # whatever kernel (and summation order) the matrix product takes on this CPU
+    emb = np.round(_clustered(500, d=8) * 16) / 16
     emb[100:110] = emb[5]  # ten articles tied with one another, wherever they rank
-    queries = np.concatenate([emb[[5, 7]], _clustered(40, d=8, seed=4)])
+    queries = np.concatenate([emb[[5, 7]], np.round(_clustered(40, d=8, seed=4) * 16) / 16]).astype(np.float32)
     pair_q = np.repeat(np.arange(len(queries)), 30)
     pair_r = rng.integers(0, 500, pair_q.size)
     pair_r[:30] = np.arange(100, 130)  # query 0 (= emb[5]): rows 5 and 100..109 tie for its top-11
