@@ -21,15 +21,19 @@ duplicate rows of a gradient are summed by ``index_add_`` in index order).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
+from collections.abc import Iterator
 
 import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
-_LOG_TINY = math.log(torch.finfo(torch.float32).tiny) + 10  # below: a softmax entry near float32's smallest normal
+_TINY = torch.finfo(torch.float32).tiny
+_LOG_TINY = math.log(_TINY) + 10  # below: a softmax entry near float32's smallest normal
+_SORT_BELOW = 64  # a sparse gradient with fewer than rows / 64 indices finds its rows by sorting them
 
 
 def keep_freed_memory() -> bool:
@@ -92,14 +96,18 @@ def softmax_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 class RowSparseAdam(torch.optim.Optimizer):
     """``torch.optim.SparseAdam``'s update for sparse (COO) gradients, without sorting them.
 
-    For each parameter with a gradient: the touched rows are found with a
-    boolean mask over the table (O(rows + nnz)), their gradients summed, and
-    Adam's moments and the parameter updated on those rows only::
+    For each parameter with a gradient: the touched rows are found (a boolean
+    mask over the table, O(rows + nnz); a sort of the indices when they are
+    few next to the table), their gradients summed, and Adam's moments and the
+    parameter updated on those rows only::
 
         m_r += (1 - beta1) * (g_r - m_r);  v_r += (1 - beta2) * (g_r^2 - v_r)
         p_r -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m_r / (sqrt(v_r) + eps)
 
-    where t counts this optimizer's steps (as in SparseAdam).
+    where t counts this optimizer's steps (as in SparseAdam). Each table is
+    gathered, updated in contiguous (rows, dim) buffers and written back; every
+    write goes to distinct rows, so it needs none of deterministic mode's
+    sorting (``_distinct_rows``).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -121,40 +129,66 @@ class RowSparseAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    # both moments of a row side by side: one gather and one scatter per step, not two
-                    state["moments"] = torch.zeros((p.shape[0], 2, *p.shape[1:]), dtype=p.dtype)
-                    state["position"] = torch.empty(p.shape[0], dtype=torch.int64)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
-                rows, g = _summed_rows(p.grad, state["position"])
+                rows, g = _summed_rows(p.grad)
                 if rows.numel() == 0:
                     continue
                 t = state["step"]
-                moments = state["moments"].index_select(0, rows)
-                m, v = moments[:, 0], moments[:, 1]
-                m.lerp_(g, 1.0 - beta1)
-                v.lerp_(g.square(), 1.0 - beta2)
-                state["moments"].index_copy_(0, rows, moments)
+                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1.0 - beta1)
+                v = state["exp_avg_sq"].index_select(0, rows).lerp_(g.square_(), 1.0 - beta2)
                 step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-                p.index_add_(0, rows, m.div(v.sqrt().add_(eps)).mul_(-step_size))
+                # sqrt(max(v, tiny)) + eps == sqrt(v) + eps in float32 for every v >= 0 (sqrt(tiny) = 2^-63 is
+                # far below half an ulp of eps), and keeps zeros and subnormals off sqrt's slow path
+                denom = v.clamp_min(_TINY).sqrt_().add_(eps)
+                new = p.index_select(0, rows).add_(m.div(denom).mul_(-step_size))
+                with _distinct_rows():
+                    state["exp_avg"].index_copy_(0, rows, m)
+                    state["exp_avg_sq"].index_copy_(0, rows, v)
+                    p.index_copy_(0, rows, new)
 
     def state_tensors(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, second) moment tables of ``p``, shaped like it (zeros before its first step)."""
-        moments = self.state[p].get("moments")
-        if moments is None:
+        state = self.state[p]
+        if "exp_avg" not in state:
             return torch.zeros_like(p), torch.zeros_like(p)
-        return moments[:, 0], moments[:, 1]
+        return state["exp_avg"], state["exp_avg_sq"]
 
 
-def _summed_rows(grad: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(touched rows ascending, their summed gradient rows) of an uncoalesced sparse COO gradient."""
+@contextlib.contextmanager
+def _distinct_rows() -> Iterator[None]:
+    """Deterministic mode off for writes to distinct rows: one result whatever the order, so no sort needed."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def _summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(touched rows ascending, their summed gradient rows, contiguous) of a sparse COO gradient.
+
+    Duplicates are summed by ``index_add_`` in index order (serial on CPU), so
+    the sums are the same at any thread count.
+    """
     if grad.is_coalesced():
-        return grad.indices()[0], grad.values()
+        return grad.indices()[0], grad.values().clone()
     idx = grad._indices()[0]
     values = grad._values()
-    touched = torch.zeros(position.shape[0], dtype=torch.bool)
-    touched[idx] = True
-    rows = touched.nonzero().squeeze(1)
-    position[rows] = torch.arange(rows.numel())
+    n = grad.shape[0]
+    if idx.numel() * _SORT_BELOW < n:  # few indices in a large table: sorting them beats a pass over the table
+        rows, position = torch.unique(idx, sorted=True, return_inverse=True)
+    else:
+        touched = torch.zeros(n, dtype=torch.bool)
+        with _distinct_rows():  # every write stores True
+            touched[idx] = True
+        rows = touched.nonzero().squeeze(1)
+        lookup = torch.empty(n, dtype=torch.int64)
+        with _distinct_rows():
+            lookup.index_copy_(0, rows, torch.arange(rows.numel()))
+        position = lookup.index_select(0, idx)
     summed = torch.zeros((rows.numel(), *values.shape[1:]), dtype=values.dtype)
-    summed.index_add_(0, position[idx], values)
+    summed.index_add_(0, position, values)
     return rows, summed
