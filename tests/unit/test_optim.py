@@ -121,3 +121,57 @@ def test_keep_freed_memory_applies_on_glibc():
 
     if platform.libc_ver()[0] == "glibc":
         assert keep_freed_memory()
+
+
+def test_small_table_lookups_match_nn_embedding_bit_for_bit():
+    """Training reads a run of small tables as one lookup: the values and every table's gradient are nn.Embedding's,
+    padding rows included (no gradient)."""
+    from hm_recsys.model import _embedded
+
+    torch.manual_seed(5)
+    specs = (FeatureSpec("age", 6, 3), FeatureSpec("club", 4, 3), FeatureSpec("colour", 9, 3))
+    tables = torch.nn.ModuleDict({s.name: torch.nn.Embedding(s.cardinality + 1, s.dim, padding_idx=s.cardinality)
+                                  for s in specs})
+    cats = torch.stack([torch.randint(0, s.cardinality + 1, (64,)) for s in specs], 1)  # duplicates and padding
+    upstream = torch.randn(64, 9)
+    (got,) = _embedded(tables, specs, cats, {})
+    (got * upstream).sum().backward()
+    ours = [t.weight.grad.clone() for t in tables.values()]
+    for t in tables.values():
+        t.weight.grad = None
+    want = torch.cat([tables[s.name](cats[:, i]) for i, s in enumerate(specs)], 1)
+    (want * upstream).sum().backward()
+    assert torch.equal(got, want)
+    for g, t in zip(ours, tables.values()):
+        assert torch.equal(g, t.weight.grad)
+        assert not g[t.padding_idx].any()
+
+
+def test_training_embeddings_match_the_towers_with_one_sparse_gradient_per_shared_table():
+    cfg = ModelConfig(customer=(FeatureSpec("customer_id", 30, 4), FeatureSpec("age", 6, 4), FeatureSpec("club", 4, 4)),
+                      article=(FeatureSpec("article_id", 20, 4), FeatureSpec("colour", 5, 4), FeatureSpec("kind", 7, 4)),
+                      history=(FeatureSpec("article_id", 20, 4), FeatureSpec("colour", 5, 4)),
+                      customer_layers=(8,), article_layers=(8,), output_dim=6, sparse_min_rows=10)
+    torch.manual_seed(2)
+    b, length, n = 6, 3, 9
+    cats = torch.stack([torch.randint(0, c, (b,)) for c in (30, 6, 4)], 1)
+    hist = torch.stack([torch.randint(0, 20, (b, length)), torch.randint(0, 5, (b, length))], 2)
+    hist[1, 1:, 0], hist[1, 1:, 1] = 20, 5  # padding
+    w = torch.rand(b, length)
+    w[1, 1:] = 0
+    acats = torch.stack([torch.randint(0, c, (n,)) for c in (20, 5, 7)], 1)
+    torch.manual_seed(4)
+    joint = TwoTower(cfg)
+    apart = TwoTower(cfg)
+    apart.load_state_dict(joint.state_dict())
+    q, a = joint.embeddings(cats, hist, w, acats)
+    q2, a2 = apart.customer_embedding(cats, hist, w), apart.article_embedding(acats)
+    assert torch.equal(q, q2) and torch.equal(a, a2)
+    ((q[:, :1] @ a[:, :1].T).sum() + q.sum()).backward()
+    ((q2[:, :1] @ a2[:, :1].T).sum() + q2.sum()).backward()
+    shared = joint.article_tables["article_id"].weight.grad
+    assert shared.is_sparse and shared._nnz() == int((hist[:, :, 0] != 20).sum()) + n  # one COO: bags + article rows
+    for (name, p), p2 in zip(joint.named_parameters(), apart.parameters()):
+        g, g2 = p.grad, p2.grad
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, g2.to_dense() if g2.is_sparse else g2,
+                                   msg=name)

@@ -65,20 +65,21 @@ def equal_pairs(row_keys: torch.Tensor, col_keys: torch.Tensor) -> tuple[torch.T
     """All ``(i, j)`` with ``row_keys[i] == col_keys[j]`` and ``i != j``, without a dense (B, C) mask.
 
     Sorting the columns once makes this O((B + C) log C + pairs); in-batch
-    duplicates are rare, so the pairs are few.
+    duplicates are rare, so the pairs are few. In numpy: a dozen small array
+    operations, each several times cheaper than torch's dispatch of the same.
     """
     import torch
 
-    sorted_keys, order = torch.sort(col_keys, stable=True)
-    lo = torch.searchsorted(sorted_keys, row_keys, right=False)
-    hi = torch.searchsorted(sorted_keys, row_keys, right=True)
-    counts = hi - lo
-    rows = torch.repeat_interleave(torch.arange(row_keys.numel()), counts)
-    starts = torch.repeat_interleave(lo, counts)
-    within = torch.arange(rows.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    cols = order[starts + within]
+    rk, ck = row_keys.numpy(), col_keys.numpy()
+    order = np.argsort(ck, kind="stable")
+    sorted_keys = ck[order]
+    lo = np.searchsorted(sorted_keys, rk, side="left")
+    counts = np.searchsorted(sorted_keys, rk, side="right") - lo
+    rows = np.repeat(np.arange(rk.size), counts)
+    within = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    cols = order[np.repeat(lo, counts) + within]
     keep = rows != cols
-    return rows[keep], cols[keep]
+    return torch.from_numpy(rows[keep]), torch.from_numpy(cols[keep])
 
 
 def in_batch_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, candidate_ids: torch.Tensor,
@@ -141,9 +142,9 @@ def train_step(model: TwoTower, optimizers: Sequence[torch.optim.Optimizer], bat
     import torch
 
     tc = config.train
-    q = model.customer_embedding(torch.from_numpy(batch.cust_cats), torch.from_numpy(batch.hist),
-                                 torch.from_numpy(batch.weights))
-    a = model.article_embedding(torch.from_numpy(batch.cand_cats))[torch.from_numpy(batch.cand_inverse)]
+    q, a = model.embeddings(torch.from_numpy(batch.cust_cats), torch.from_numpy(batch.hist),
+                            torch.from_numpy(batch.weights), torch.from_numpy(batch.cand_cats))
+    a = a[torch.from_numpy(batch.cand_inverse)]
     loss = in_batch_softmax_loss(
         q, a, torch.from_numpy(batch.cand_rows),
         torch.from_numpy(batch.log_q) if tc.logq_correction else None, tc.temperature,
