@@ -119,8 +119,8 @@ class RowSparseAdam(torch.optim.Optimizer):
     def step(self, closure=None):  # type: ignore[override]
         if closure is not None:
             raise ValueError("RowSparseAdam takes no closure")
+        work = []
         for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -132,21 +132,14 @@ class RowSparseAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
-                rows, g = _summed_rows(p.grad)
-                if rows.numel() == 0:
-                    continue
-                t = state["step"]
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1.0 - beta1)
-                v = state["exp_avg_sq"].index_select(0, rows).lerp_(g.square_(), 1.0 - beta2)
-                step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-                # sqrt(max(v, tiny)) + eps == sqrt(v) + eps in float32 for every v >= 0 (sqrt(tiny) = 2^-63 is
-                # far below half an ulp of eps), and keeps zeros and subnormals off sqrt's slow path
-                denom = v.clamp_min(_TINY).sqrt_().add_(eps)
-                new = p.index_select(0, rows).add_(m.div(denom).mul_(-step_size))
-                with _distinct_rows():
-                    state["exp_avg"].index_copy_(0, rows, m)
-                    state["exp_avg_sq"].index_copy_(0, rows, v)
-                    p.index_copy_(0, rows, new)
+                work.append((p, state, group))
+        with _distinct_rows():
+            if len(work) > 1 and torch.get_num_threads() > 1:
+                # the tables are independent and their updates mostly single-threaded index work: one thread each
+                list(_pool().map(lambda w: _update(*w), work))
+            else:
+                for w in work:
+                    _update(*w)
 
     def state_tensors(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, second) moment tables of ``p``, shaped like it (zeros before its first step)."""
@@ -154,6 +147,38 @@ class RowSparseAdam(torch.optim.Optimizer):
         if "exp_avg" not in state:
             return torch.zeros_like(p), torch.zeros_like(p)
         return state["exp_avg"], state["exp_avg_sq"]
+
+
+@torch.no_grad()
+def _update(p: torch.Tensor, state: dict, group: dict) -> None:
+    """One table's lazy Adam update on the rows its gradient touched (deterministic mode off: see step)."""
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    rows, g = _summed_rows(p.grad)
+    if rows.numel() == 0:
+        return
+    t = state["step"]
+    m = state["exp_avg"].index_select(0, rows).lerp_(g, 1.0 - beta1)
+    v = state["exp_avg_sq"].index_select(0, rows).lerp_(g.square_(), 1.0 - beta2)
+    step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    # sqrt(max(v, tiny)) + eps == sqrt(v) + eps in float32 for every v >= 0 (sqrt(tiny) = 2^-63 is
+    # far below half an ulp of eps), and keeps zeros and subnormals off sqrt's slow path
+    denom = v.clamp_min(_TINY).sqrt_().add_(eps)
+    new = p.index_select(0, rows).add_(m.div(denom).mul_(-step_size))
+    state["exp_avg"].index_copy_(0, rows, m)
+    state["exp_avg_sq"].index_copy_(0, rows, v)
+    p.index_copy_(0, rows, new)
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        import concurrent.futures
+
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="row-sparse-adam")
+    return _POOL
 
 
 @contextlib.contextmanager
@@ -182,12 +207,10 @@ def _summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, position = torch.unique(idx, sorted=True, return_inverse=True)
     else:
         touched = torch.zeros(n, dtype=torch.bool)
-        with _distinct_rows():  # every write stores True
-            touched[idx] = True
+        touched[idx] = True  # every write stores True
         rows = touched.nonzero().squeeze(1)
         lookup = torch.empty(n, dtype=torch.int64)
-        with _distinct_rows():
-            lookup.index_copy_(0, rows, torch.arange(rows.numel()))
+        lookup.index_copy_(0, rows, torch.arange(rows.numel()))
         position = lookup.index_select(0, idx)
     summed = torch.zeros((rows.numel(), *values.shape[1:]), dtype=values.dtype)
     summed.index_add_(0, position, values)
