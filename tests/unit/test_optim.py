@@ -1,4 +1,4 @@
-"""The fused training pieces give what the torch reference ops give: loss, gradients, sparse Adam, history bags."""
+"""The fused training pieces give what the torch reference ops give: loss, gradients, sparse Adam, lookups."""
 
 from __future__ import annotations
 
@@ -7,41 +7,50 @@ import torch
 import torch.nn.functional as F
 
 from hm_recsys.model import FeatureSpec, ModelConfig, TwoTower
-from hm_recsys.training.optim import RowSparseAdam, keep_freed_memory, softmax_cross_entropy
+from hm_recsys.training.optim import RowSparseAdam, keep_freed_memory, sampled_softmax_loss
 
 
-def test_softmax_cross_entropy_matches_torch_with_masked_entries():
+def _reference(q, c, log_q, temperature, rows, cols):
+    """The loss through torch's own ops: corrected logits, -inf at the masked pairs, F.cross_entropy."""
+    logits = (q / temperature) @ c.T - (0 if log_q is None else log_q)
+    logits = logits.index_put((rows, cols), torch.tensor(float("-inf")))
+    return F.cross_entropy(logits, torch.arange(q.shape[0]))
+
+
+def test_sampled_softmax_loss_matches_torch_with_masked_entries():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 9, generator=g) * 4
-    logits[0, 3] = logits[2, 7] = logits[5, 0] = float("-inf")  # masked, never a row's own column
-    ref_in = logits.clone().requires_grad_(True)
-    ours_in = logits.clone().requires_grad_(True)
-    ref = F.cross_entropy(ref_in, torch.arange(6))
-    ours = softmax_cross_entropy(ours_in)
-    torch.testing.assert_close(ours, ref)
-    (3.0 * ref).backward()
-    (3.0 * ours).backward()
-    torch.testing.assert_close(ours_in.grad, ref_in.grad)
-    assert ours_in.grad[0, 3] == 0 and ours_in.grad[5, 0] == 0
+    q, c, log_q = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g), torch.randn(9, generator=g)
+    rows, cols = torch.tensor([0, 2, 5]), torch.tensor([3, 7, 0])  # masked, never a row's own column
+    for lq in (log_q, None):
+        ours_q, ours_c = q.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        ref_q, ref_c = q.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        ours = sampled_softmax_loss(ours_q, ours_c, lq, 0.3, (rows, cols))
+        ref = _reference(ref_q, ref_c, lq, 0.3, rows, cols)
+        torch.testing.assert_close(ours, ref)
+        (3.0 * ours).backward()
+        (3.0 * ref).backward()
+        torch.testing.assert_close(ours_q.grad, ref_q.grad)
+        torch.testing.assert_close(ours_c.grad, ref_c.grad)
 
 
-def test_softmax_cross_entropy_is_exact_when_a_positive_underflows():
-    """A positive ~200 below its row's best has softmax 0 in float32: the loss still matches torch's, finite."""
-    logits = torch.zeros(3, 5)
-    logits[1, 1] = -200.0  # row 1's own column
-    logits[2, 4] = 150.0
-    ours_in, ref_in = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    ours, ref = softmax_cross_entropy(ours_in), F.cross_entropy(ref_in, torch.arange(3))
-    assert torch.isfinite(ours)
+def test_sampled_softmax_loss_is_exact_when_a_positive_underflows():
+    """A positive 200 below its row's best has softmax 0 in float32: the loss still matches torch's, finite."""
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    c = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # row 1's positive scores -100 vs 100
+    rows, cols = torch.tensor([1]), torch.tensor([3])  # a mask on the underflowing row: recomputed with it
+    ours_q, ref_q = q.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    ours = sampled_softmax_loss(ours_q, c, None, 0.01, (rows, cols))
+    ref = _reference(ref_q, c, None, 0.01, rows, cols)
+    assert torch.isfinite(ours) and ours > 60  # row 1 alone contributes 200 / 3
     torch.testing.assert_close(ours, ref)
     ours.backward()
     ref.backward()
-    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    torch.testing.assert_close(ours_q.grad, ref_q.grad)
 
 
-def test_softmax_cross_entropy_rejects_fewer_columns_than_rows():
+def test_sampled_softmax_loss_rejects_fewer_candidates_than_queries():
     with pytest.raises(ValueError, match="C >= B"):
-        softmax_cross_entropy(torch.zeros(4, 3))
+        sampled_softmax_loss(torch.zeros(4, 2), torch.zeros(3, 2), None, 1.0)
 
 
 def _sparse_problem(seed: int):

@@ -53,12 +53,9 @@ def corrected_logits(queries: torch.Tensor, candidates: torch.Tensor, log_q: tor
     corrected neural modeling"): popular articles, sampled as negatives more
     often, get their logits lowered by exactly how much more often.
     """
-    import torch
+    from hm_recsys.training.optim import masked_logits
 
-    scaled = queries / temperature  # (B, d): cheaper than dividing the (B, C) product
-    if log_q is None:
-        return scaled @ candidates.T
-    return torch.addmm(-log_q, scaled, candidates.T)  # one fused op: -log_q broadcast over rows
+    return masked_logits(queries / temperature, candidates, log_q)
 
 
 def equal_pairs(row_keys: torch.Tensor, col_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,24 +100,17 @@ def in_batch_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, candi
     """
     import torch
 
-    from hm_recsys.training.optim import softmax_cross_entropy
+    from hm_recsys.training.optim import sampled_softmax_loss
 
     b = queries.shape[0]
-    logits = corrected_logits(queries, candidates, log_q, temperature)
     masked = []
     if mask_accidental_hits:
         masked.append(equal_pairs(candidate_ids[:b], candidate_ids))
     if query_ids is not None:
         masked.append(equal_pairs(query_ids, query_ids))
-    if masked:
-        rows = torch.cat([r for r, _ in masked])
-        cols = torch.cat([c for _, c in masked])
-        if rows.numel():
-            # Outside autograd: a masked logit's gradient is its softmax probability, exactly 0 at -inf,
-            # so tracking the mask would only add a (B, C) pass. The matmul saves its inputs, not this output.
-            with torch.no_grad():
-                logits.index_put_((rows, cols), torch.tensor(float("-inf")))
-    return softmax_cross_entropy(logits)
+    pairs = (torch.cat([r for r, _ in masked]), torch.cat([c for _, c in masked])) if masked else None
+    # a masked logit is -inf: its softmax probability, and so its gradient, is exactly 0
+    return sampled_softmax_loss(queries, candidates, log_q, temperature, pairs)
 
 
 # ---------------------------------------------------------------------------

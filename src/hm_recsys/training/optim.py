@@ -10,13 +10,15 @@ showed the matrix products were not where the time went:
 * ``torch.optim.SparseAdam`` coalesced every sparse gradient by sorting and
   built several sparse tensors per table.
 
-``softmax_cross_entropy`` keeps one (B, C) buffer: the softmax in the forward
-(the loss from its diagonal), and in the backward the same buffer becomes
-``(softmax - onehot) / B`` in place, one pass.
+``sampled_softmax_loss`` is one autograd node over one (B, C) buffer: the
+corrected, masked logits, their softmax in place (the loss from its
+diagonal), and in the backward ``(softmax - onehot) / B`` in place, from which
+both matrix products are taken.
 ``RowSparseAdam`` is SparseAdam's update (lazy Adam: only the rows a batch
 touched move, bias correction by the global step) on the touched rows,
-gathered without a sort. Both are deterministic on CPU (no atomics; the
-duplicate rows of a gradient are summed by ``index_add_`` in index order).
+gathered without a sort, each table on its own thread. Both are
+deterministic on CPU (no atomics; the duplicate rows of a gradient are summed
+by ``index_add_`` in index order; every parallel write goes to distinct rows).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
 _TINY = torch.finfo(torch.float32).tiny
 _LOG_TINY = math.log(_TINY) + 10  # below: a softmax entry near float32's smallest normal
+_NO_PAIRS = torch.zeros(0, dtype=torch.int64)
 _SORT_BELOW = 64  # a sparse gradient with fewer than rows / 64 indices finds its rows by sorting them
 
 
@@ -56,41 +59,66 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
-class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean over rows of ``-log softmax(logits)[i, i]``: row i's positive is column i."""
+def masked_logits(scaled: torch.Tensor, candidates: torch.Tensor, log_q: torch.Tensor | None,
+                  rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """``scaled @ candidates.T - log_q`` (one fused op), with ``-inf`` at the masked ``(rows, cols)``."""
+    logits = scaled @ candidates.T if log_q is None else torch.addmm(-log_q, scaled, candidates.T)
+    if rows is not None and cols is not None and rows.numel():
+        with _distinct_rows():  # every write stores -inf: no sort needed
+            logits.index_put_((rows, cols), torch.tensor(float("-inf")))
+    return logits
+
+
+class _SampledSoftmax(torch.autograd.Function):
+    """Mean over rows of ``-log softmax(logits)[i, i]`` with ``logits = q / t @ c.T - log_q``, masked."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        p = torch.softmax(logits, dim=1)  # saved: the backward is then one in-place pass over it
-        ctx.save_for_backward(p)
+    def forward(ctx, queries: torch.Tensor, candidates: torch.Tensor, log_q: torch.Tensor | None,  # type: ignore[override]
+                rows: torch.Tensor, cols: torch.Tensor, temperature: float) -> torch.Tensor:
+        scaled = queries / temperature  # (B, d): cheaper than dividing the (B, C) product
+        logits = masked_logits(scaled, candidates, log_q, rows, cols)
+        # in place: one (B, C) buffer for logits, softmax and gradient (it then fits in a 32 MiB L3 at full scale)
+        p = torch.ops.aten._softmax.out(logits, 1, False, out=logits)
         log_p = p.diagonal().log()
-        low = log_p < _LOG_TINY  # so small it may have rounded: exact from the logits for those rows
+        low = log_p < _LOG_TINY  # so small it may have rounded: exact from these rows' logits, recomputed
         if bool(low.any()):
-            rows = low.nonzero().squeeze(1)
-            z = logits.index_select(0, rows)
-            log_p[rows] = z.gather(1, rows.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=1)
+            r = low.nonzero().squeeze(1)
+            keep = torch.isin(rows, r)
+            z = masked_logits(scaled.index_select(0, r), candidates, log_q, torch.searchsorted(r, rows[keep]), cols[keep])
+            log_p[r] = z.gather(1, r.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=1)
+        ctx.save_for_backward(p, scaled, candidates)
+        ctx.temperature = temperature
         return -log_p.mean()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (p,) = ctx.saved_tensors
-        b = p.shape[0]
-        scale = grad / b
-        out = p.mul_(scale)  # the saved buffer is ours and read once: (softmax - onehot) / B in place
-        out.diagonal().sub_(scale)
-        return out
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        p, scaled, candidates = ctx.saved_tensors
+        scale = grad / p.shape[0]
+        g = p.mul_(scale)  # the saved buffer is ours and read once more: (softmax - onehot) / B in place
+        g.diagonal().sub_(scale)
+        grad_q = (g @ candidates).div_(ctx.temperature) if ctx.needs_input_grad[0] else None
+        grad_c = g.T @ scaled if ctx.needs_input_grad[1] else None
+        return grad_q, grad_c, None, None, None, None
 
 
-def softmax_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy(logits, arange(B))`` for a (B, C >= B) matrix, in one (B, C) buffer.
+def sampled_softmax_loss(queries: torch.Tensor, candidates: torch.Tensor, log_q: torch.Tensor | None,
+                         temperature: float, masked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``F.cross_entropy(q / t @ c.T - log_q, arange(B))`` with ``-inf`` at the ``masked`` (rows, cols).
 
-    Masked entries may be ``-inf`` (their gradient is then exactly 0, as
-    through ``F.cross_entropy``). The backward reuses the saved buffer, so the
-    graph can be backpropagated once (no ``retain_graph``).
+    Candidate i < B is query i's positive (C >= B). One (B, C) buffer holds
+    the logits, then their softmax (in place), then in the backward the
+    gradient ``(softmax - onehot) / B`` (in place again), from which both
+    matrix products are taken: the logits' product, the mask and the
+    softmax are one autograd node. Rows whose positive's probability
+    underflows get their loss exactly from recomputed logits (logsumexp).
+    The graph can be backpropagated once (no ``retain_graph``).
     """
-    if logits.dim() != 2 or logits.shape[1] < logits.shape[0]:
-        raise ValueError(f"expected (B, C >= B) logits, got {tuple(logits.shape)}")
-    return _SoftmaxCrossEntropy.apply(logits)
+    b, c = queries.shape[0], candidates.shape[0]
+    if queries.dim() != 2 or candidates.dim() != 2 or c < b:
+        raise ValueError(f"expected (B, d) queries and (C >= B, d) candidates, got {tuple(queries.shape)} and "
+                         f"{tuple(candidates.shape)}")
+    rows, cols = masked if masked is not None else (_NO_PAIRS, _NO_PAIRS)
+    return _SampledSoftmax.apply(queries, candidates, log_q, rows, cols, temperature)
 
 
 class RowSparseAdam(torch.optim.Optimizer):
