@@ -12,7 +12,10 @@ uniform negatives) and prints, next to it, figures measured in the same run:
 
 * the FLOP lower bound: the step's matrix-multiply FLOPs (both MLPs and the
   B x C logits, forward + backward) divided by the GEMM rate this machine
-  reaches right now on the same shapes; "efficiency" = bound / measured;
+  reaches on the same shapes, probed right after every timed step (a shared
+  host's speed drifts by ~20% within minutes; a rate taken once, before the
+  steps, drifted the ratio with it); "efficiency" = bound / measured, from
+  the medians, and step by step against each step's own probe;
 * the dense-gradient baseline: the same model with every table dense and
   Adam on all of it, the naive alternative to sparse id updates.
 
@@ -115,37 +118,56 @@ def step_flops(mc: ModelConfig, batch: T.Batch) -> float:
     return 3.0 * forward
 
 
-def gemm_rate(mc: ModelConfig, batch: T.Batch, seconds: float = 2.0) -> float:
-    """FLOP/s of the step's own matrix shapes (logits and MLP layers), as fast as torch runs them here."""
+def gemm_probe(mc: ModelConfig, batch: T.Batch):
+    """A callable that runs the step's own matrix shapes (logits and MLP layers) once each and returns the FLOP/s
+    torch reached on them right then: the baseline, measured next to every timed step."""
     b, c, d = batch.customer_rows.size, batch.cand_rows.size, mc.output_dim
     h = mc.customer_layers[0] if mc.customer_layers else d
     shapes = [(b, d, c), (b, c, d), (b, h, h), (b, h, d)]
     mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
-    flops, t0 = 0.0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for (x, y), (m, k, n) in zip(mats, shapes):
+    flops = sum(2.0 * m * k * n for m, k, n in shapes)
+
+    def probe() -> float:
+        t0 = time.perf_counter()
+        for x, y in mats:
             torch.mm(x, y)
-            flops += 2.0 * m * k * n
-    return flops / (time.perf_counter() - t0)
+        return flops / (time.perf_counter() - t0)
+
+    return probe
+
+
+def gemm_rate(mc: ModelConfig, batch: T.Batch, seconds: float = 2.0) -> float:
+    """FLOP/s of the step's own matrix shapes, as fast as torch runs them here (median over ``seconds``)."""
+    probe, rates, t0 = gemm_probe(mc, batch), [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rates.append(probe())
+    return float(np.median(rates))
 
 
 def run_steps(model: TwoTower, config: T.Config, batches: list[T.Batch], dense_adam: bool,
-              profile: int = 0) -> float:
-    """Seconds per step of the real training step (``train.train_step`` under ``train.training_kernels``,
-    as ``fit`` runs it): median of the timed steps, after 2 warm-up steps. ``profile`` > 0 prints the
-    torch.profiler table of that many more steps."""
+              profile: int = 0, probe=None) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds, GEMM FLOP/s) of each timed step of the real training step (``train.train_step`` under
+    ``train.training_kernels``, as ``fit`` runs it), after 2 warm-up steps.
+
+    With ``probe`` (``gemm_probe``), the baseline's matrix products run right after every timed step, so
+    each step is paired with the GEMM rate of its own moment: on a shared host, whose speed drifts by 20%
+    within a minute, a rate measured once before the steps made the ratio drift with it. (Rates are empty
+    without a probe.) ``profile`` > 0 prints the torch.profiler table of that many more steps.
+    """
     tc = config.train
     if dense_adam:
         opts = [torch.optim.Adam(model.parameters(), lr=tc.lr)]
     else:
         opts = T.make_optimizers(model, config)
-    times = []
+    times, rates = [], []
     with T.training_kernels(tc.threads):
         for i, batch in enumerate(batches):
             t0 = time.perf_counter()
             T.train_step(model, opts, batch, config)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
+                if probe is not None:
+                    rates.append(probe())
         if profile:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
@@ -155,7 +177,7 @@ def run_steps(model: TwoTower, config: T.Config, batches: list[T.Batch], dense_a
                     T.train_step(model, opts, batch, config)
             print(f"\n== where a step's time goes (torch.profiler, {profile} steps; self CPU time per op)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    return float(np.median(times))
+    return np.array(times), np.array(rates)
 
 
 def throughput(config: T.Config, steps: int, dense_steps: int, profile: int = 0) -> dict[str, float]:
@@ -164,25 +186,32 @@ def throughput(config: T.Config, steps: int, dense_steps: int, profile: int = 0)
     mc = resolved(config)
     model = TwoTower(mc)
     flops = step_flops(mc, batches[0])
-    rate = gemm_rate(mc, batches[0])
-    sec = run_steps(model, config, batches, dense_adam=False, profile=profile)
+    once = gemm_rate(mc, batches[0])  # before the steps, as earlier versions of this benchmark measured it
+    times, rates = run_steps(model, config, batches, dense_adam=False, profile=profile, probe=gemm_probe(mc, batches[0]))
+    sec, rate = float(np.median(times)), float(np.median(rates))
+    paired = np.median(flops / rates / times)  # each step against the bound of its own moment
     b = config.train.batch_size
     bound = flops / rate
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
           f"({sum(p.numel() for p in model.sparse_parameters()) / 1e6:.1f}M in sparse id tables), "
           f"B={b}, C={batches[0].cand_rows.size}, L={config.features.history_length}, threads={torch.get_num_threads()}")
-    print(f"GEMM rate on the step's shapes (baseline): {rate / 1e9:7.1f} GFLOP/s")
+    print(f"GEMM rate on the step's shapes (baseline): {rate / 1e9:7.1f} GFLOP/s (median of a probe after each "
+          f"timed step; {once / 1e9:.1f} measured once before the steps)")
     print(f"FLOPs per step: {flops / 1e9:.2f} GFLOP = {flops / b / 1e6:.2f} MFLOP per example")
     print(f"training step (sparse Adam + AdamW):    {sec * 1e3:7.1f} ms/step = {b / sec:8,.0f} examples/s")
     print(f"  FLOP lower bound:                     {bound * 1e3:7.1f} ms/step = {b / bound:8,.0f} examples/s "
           f"(measured / bound = {sec / bound:.2f}x; efficiency = bound / measured = {bound / sec:.2f}, target 0.6)")
+    q1, q3 = np.percentile(flops / rates / times, [25, 75])
+    print(f"  efficiency step by step (each step / the bound of its own moment): median {paired:.2f}, "
+          f"IQR {q1:.2f}-{q3:.2f} over {times.size} steps")
     dense_sec = float("nan")
     if dense_steps:
         dense = TwoTower(resolved(config, sparse=False))
-        dense_sec = run_steps(dense, config, batches[: dense_steps + 2], dense_adam=True)
+        dense_sec = float(np.median(run_steps(dense, config, batches[: dense_steps + 2], dense_adam=True)[0]))
         print(f"dense baseline (all tables dense, Adam):  {dense_sec * 1e3:7.1f} ms/step = {b / dense_sec:8,.0f} "
               f"examples/s -> sparse is {dense_sec / sec:.1f}x faster")
     return {"examples_per_second": b / sec, "bound_examples_per_second": b / bound, "gemm_flops": rate,
+            "efficiency": bound / sec, "paired_efficiency": float(paired),
             "flops_per_example": flops / b, "dense_examples_per_second": b / dense_sec}
 
 
