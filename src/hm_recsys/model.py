@@ -348,7 +348,8 @@ class TwoTower(nn.Module):
                 parts.append(None)
         if small:
             specs = self.config.history
-            done = iter(_dense_bags(hist[:, :, small], weights, [self._history_table(specs[j].name).weight for j in small],
+            cols = slice(small[0], small[-1] + 1) if small[-1] - small[0] + 1 == len(small) else small  # a view
+            done = iter(_dense_bags(hist[:, :, cols], weights, [self._history_table(specs[j].name).weight for j in small],
                                     [specs[j].cardinality for j in small]))
             parts[first:] = [next(done) if p is None else p for p in parts[first:]]
         return F.normalize(self.customer_mlp(torch.cat(parts, dim=1)), dim=1)

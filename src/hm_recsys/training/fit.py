@@ -134,7 +134,7 @@ def train_step(model: TwoTower, optimizers: Sequence[torch.optim.Optimizer], bat
     tc = config.train
     q, a = model.embeddings(torch.from_numpy(batch.cust_cats), torch.from_numpy(batch.hist),
                             torch.from_numpy(batch.weights), torch.from_numpy(batch.cand_cats))
-    a = a[torch.from_numpy(batch.cand_inverse)]
+    a = a.index_select(0, torch.from_numpy(batch.cand_inverse))  # backward: index_add_, not a sorted index_put_
     loss = in_batch_softmax_loss(
         q, a, torch.from_numpy(batch.cand_rows),
         torch.from_numpy(batch.log_q) if tc.logq_correction else None, tc.temperature,
