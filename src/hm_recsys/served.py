@@ -306,6 +306,33 @@ def replay_to(rec: Recommender, warehouse: Warehouse, as_of: dt.date, lookback_w
     return Recommender(rec.model, rec.state, tables, raw, history), weekly
 
 
+LOAD_CHECK_QUERIES = 256  # customer queries, evenly spread over the state, that a service checks its index on
+
+
+def index_agreement(queries: np.ndarray, n_customers: int, index: Index,
+                    index_embeddings: np.ndarray) -> tuple[float, int, bool]:
+    """(recall@12 of ``index`` vs exact search, queries used, whether every score was finite) on up to
+    ``LOAD_CHECK_QUERIES`` of the first ``n_customers`` rows of ``queries``, evenly spaced.
+
+    ``index_embeddings`` are the article embeddings of the index's rows, in its
+    order. A service runs this on every state it loads (``serving.load_served``:
+    an index built from other embeddings scores near 0), and ``build_state``
+    records its result in the manifest, so the loader compares the same
+    measurement on the same queries. (The index's own tuning figure is measured
+    on customers with a history; over all customers, most with none, the
+    overlap with exact top-12 can be 0.1-0.15 lower for the same index.)
+    """
+    from hm_recsys.index import ExactIndex
+
+    sample = np.unique(np.linspace(0, n_customers - 1, num=min(LOAD_CHECK_QUERIES, n_customers)).astype(np.int64))
+    q = np.asarray(queries[sample], dtype=np.float32)
+    k = min(12, index_embeddings.shape[0])
+    got, got_scores = index.search(q, k)
+    want, _ = ExactIndex([str(i) for i in range(index_embeddings.shape[0])], index_embeddings).search(q, k)
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), want.tolist())]))
+    return recall, int(sample.size), bool(np.all(np.isfinite(got_scores)))
+
+
 def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version: str, out_dir: Path | str,
                 config: RetrievalConfig, fusion: Fusion, customers: Iterable[str] | None = None,
                 min_recall: float = 0.98, progress: bool = True, chunk: int = 65536,
@@ -333,7 +360,7 @@ def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version:
     from tqdm.auto import tqdm
 
     from hm_recsys.features import age_bucket
-    from hm_recsys.index import QueryTruth, build_index
+    from hm_recsys.index import QueryTruth, build_index, load_index
 
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -401,6 +428,11 @@ def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version:
                           model_version=version, eval_queries=eval_q, min_recall=min_recall, truth=judge,
                           carried=index_search, rule=index_rule)
         seconds["index"] = time.perf_counter() - t0 - sum(seconds.values())
+        load_check = None
+        if table_rows.size:
+            built, _ = load_index(tmp / INDEX)
+            recall, n_checked, _ = index_agreement(queries, int(table_rows.size), built, art_emb[allowed_rows])
+            load_check = {"recall_at_12_vs_exact": round(recall, 6), "queries": n_checked}
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -414,7 +446,7 @@ def build_state(rec: Recommender, warehouse: Warehouse, as_of: dt.date, version:
             "retrieval": config.to_dict(),
             "fusion": fusion.to_dict(),
             "index": {"recall_at_12_vs_exact": imf.recall_at_12_vs_exact, "scann_config": imf.scann_config,
-                      "n_eval_queries": imf.n_eval_queries, "min_recall": imf.min_recall,
+                      "n_eval_queries": imf.n_eval_queries, "min_recall": imf.min_recall, "load_check": load_check,
                       "tuning": {k: v for k, v in imf.tuning.items() if k != "tried"}},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

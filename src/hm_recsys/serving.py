@@ -51,6 +51,9 @@ log = logging.getLogger("hm_recsys.serving")
 
 MAX_TOP_K = 100
 DEFAULT_TOP_K = 12
+# the load check repeats a measurement the state's manifest recorded on the same queries and index: it should
+# agree exactly; this much below it is refused (an index of other embeddings scores near 0)
+LOAD_CHECK_TOLERANCE = 0.02
 SERVICE_IMPORT = "hm_recsys.service:RecommendationService"
 _CUSTOMER_ID = re.compile(r"[0-9a-f]{64}")
 _ARTICLE_ID = re.compile(r"[0-9]{9,10}")
@@ -242,16 +245,17 @@ def load_served(files: VersionFiles, *, min_recall: float = 0.9, progress: bool 
     Checks, before the result may serve: the state's manifest, every file's
     checksum, its model version (= ``files.version``), the index's manifest,
     and that the index agrees with the state's article embeddings: recall@12
-    of ScaNN vs exact search on up to 256 of the state's customer queries is
-    at least ``min_recall``, or 0.1 below what the state's manifest measured
-    when its (deliberately narrower) search setting was chosen, whichever is
-    lower (an index built from other embeddings scores near 0 here even if
-    its manifest says the right version). The customer queries are
-    memory-mapped, not computed: a reload costs file reads and checks.
+    of ScaNN vs exact search on up to 256 of the state's customer queries
+    (``served.index_agreement``) is at least ``min_recall``, or
+    ``LOAD_CHECK_TOLERANCE`` below what ``build_state`` measured on the same
+    queries (the manifest's ``index.load_check``), whichever is lower; for a
+    state without that record, 0.1 below the index's tuning figure. An index
+    built from other embeddings scores near 0 here even if its manifest says
+    the right version. The customer queries are memory-mapped, not computed:
+    a reload costs file reads and checks.
     """
     from hm_recsys import bundle
-    from hm_recsys.index import ExactIndex
-    from hm_recsys.served import ServedState, StateError, describe
+    from hm_recsys.served import ServedState, StateError, describe, index_agreement
 
     t0 = time.perf_counter()
     version = str(files.version)
@@ -263,20 +267,20 @@ def load_served(files: VersionFiles, *, min_recall: float = 0.9, progress: bool 
         raise LoadError(f"version {version}: cannot load the served state {files.state_dir.name}: {e}") from e
     n = state.n_customers
     if n:
-        sample = np.unique(np.linspace(0, n - 1, num=min(256, n)).astype(np.int64))
-        q = np.asarray(state.queries[sample], dtype=np.float32)
-        k = min(12, state.index_rows.size)
-        got, got_scores = state.index.search(q, k)
-        exact = ExactIndex([str(i) for i in range(state.index_rows.size)], state.article_embeddings[state.index_rows])
-        want, _ = exact.search(q, k)
-        if not np.all(np.isfinite(got_scores)):
+        recall, n_checked, finite = index_agreement(state.queries, n, state.index,
+                                                    state.article_embeddings[state.index_rows])
+        if not finite:
             raise LoadError(f"version {version}: the index returned non-finite scores")
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), want.tolist())]))
-        built = (state.manifest.get("index") or {}).get("recall_at_12_vs_exact")
-        floor = min_recall if built is None else min(min_recall, float(built) - 0.1)
+        index_facts = state.manifest.get("index") or {}
+        recorded = (index_facts.get("load_check") or {}).get("recall_at_12_vs_exact")
+        if recorded is not None:  # measured on these same queries when the state was built
+            floor = min(min_recall, float(recorded) - LOAD_CHECK_TOLERANCE)
+        else:  # a state from before load_check: the index's tuning figure, with room for other customers
+            built = index_facts.get("recall_at_12_vs_exact")
+            floor = min_recall if built is None else min(min_recall, float(built) - 0.1)
         if recall < floor:
-            raise LoadError(f"version {version}: index recall@{k} vs exact search over the state's embeddings is "
-                            f"{recall:.3f} < {floor:.3f} on {len(sample)} customers: index and state do not "
+            raise LoadError(f"version {version}: index recall@12 vs exact search over the state's embeddings is "
+                            f"{recall:.3f} < {floor:.3f} on {n_checked} customers: index and state do not "
                             f"belong together")
     else:
         recall = float("nan")

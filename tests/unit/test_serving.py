@@ -459,19 +459,39 @@ def test_load_served_accepts_a_narrow_index_its_manifest_vouches_for(real_versio
     at_load = float(np.mean([len(set(a) & set(b)) / 12 for a, b in zip(got.tolist(), want.tolist())]))
     assert at_load < 0.85, at_load  # the default floor (0.9) alone would refuse it
 
-    def sign(recorded: float) -> None:
+    def sign(load_check: float | None, tuned: float) -> None:
         m = json.loads((narrow / MANIFEST).read_text())
-        m["index"]["recall_at_12_vs_exact"] = recorded
+        m["index"]["recall_at_12_vs_exact"] = tuned
+        m["index"]["load_check"] = None if load_check is None else {"recall_at_12_vs_exact": load_check,
+                                                                    "queries": len(sample)}
         m["files"] = {str(p.relative_to(narrow)): file_sha256(p) for p in narrow.rglob("*")
                       if p.is_file() and p != narrow / MANIFEST}
         (narrow / MANIFEST).write_text(json.dumps(m))
 
-    sign(round(at_load + 0.05, 6))  # built at about what the load measures: accepted
+    # the state recorded what its loader measures (build_state does): accepted, however far below the tuning figure
+    sign(round(at_load, 6), tuned=round(at_load + 0.3, 6))
     assert load_served(_files("7", real_version, narrow), progress=False).metadata["index"]["verify_recall_at_12"] \
         == pytest.approx(at_load)
-    sign(round(at_load + 0.2, 6))  # the manifest vouches for much more than the index gives: refused
+    sign(round(at_load + 0.05, 6), tuned=round(at_load + 0.05, 6))  # the record vouches for more: refused
     with pytest.raises(LoadError, match="index and state do not belong together"):
         load_served(_files("7", real_version, narrow), progress=False)
+    # a state from before the record: judged against its tuning figure, less 0.1
+    sign(None, tuned=round(at_load + 0.05, 6))
+    assert load_served(_files("7", real_version, narrow), progress=False).metadata["index"]["verify_recall_at_12"] \
+        == pytest.approx(at_load)
+    sign(None, tuned=round(at_load + 0.2, 6))
+    with pytest.raises(LoadError, match="index and state do not belong together"):
+        load_served(_files("7", real_version, narrow), progress=False)
+
+
+def test_built_state_records_what_its_load_check_measures(real_version):
+    """build_state measures the load check on the queries and index it publishes; the loader gets the same."""
+    from hm_recsys.served import MANIFEST
+
+    recorded = json.loads((real_version.state_dir / MANIFEST).read_text())["index"]["load_check"]
+    measured = load_served(_files("7", real_version), progress=False).metadata["index"]["verify_recall_at_12"]
+    assert recorded["queries"] == min(256, real_version.state.n_customers)
+    assert recorded["recall_at_12_vs_exact"] == pytest.approx(measured, abs=1e-6)
 
 
 def test_load_served_refuses_a_missing_state(tmp_path, real_version):
