@@ -17,6 +17,12 @@ rewritten), so both packages live side by side. Both models start from the
 same seed; the weights' sha256 after the steps says whether the change kept
 the arithmetic bit for bit (``SAME``) or only up to rounding (``DIFFERENT``:
 then compare quality, ``bench/quality.py``).
+
+Caveat: both sides share the process, so whatever one side leaves running
+slows the other too. A version that ran its optimizer on extra Python threads
+measured 0.98 here and was 30-40% slower alone (each thread's OpenMP team
+spun against the other side's matrix products as much as its own). Confirm a
+win with ``bench/train.py`` run alone, alternating revisions.
 """
 
 from __future__ import annotations
