@@ -253,16 +253,18 @@ class _SparseBag(torch.autograd.Function):
         offsets = torch.cumsum(counts, 0).sub_(counts)
         out = F.embedding_bag(flat, weight, offsets, mode="sum", per_sample_weights=w)
         bags = torch.repeat_interleave(torch.arange(b), counts)
-        rows = rows[rows != pad]  # as nn.Embedding: the padding row gets no gradient
-        ctx.save_for_backward(flat, w, bags, rows)
+        real_rows = (rows != pad).nonzero().squeeze(1)  # as nn.Embedding: the padding row gets no gradient
+        ctx.save_for_backward(flat, w, bags, rows, real_rows)
         ctx.shape = weight.shape
         return out, weight.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_rows: torch.Tensor):  # type: ignore[override]
-        flat, w, bags, rows = ctx.saved_tensors
+        flat, w, bags, rows, real_rows = ctx.saved_tensors
         values = grad.index_select(0, bags).mul_(w.unsqueeze(1))
-        if rows.numel():
+        if real_rows.numel():
+            if real_rows.numel() < rows.numel():
+                rows, grad_rows = rows.index_select(0, real_rows), grad_rows.index_select(0, real_rows)
             flat, values = torch.cat([flat, rows]), torch.cat([values, grad_rows])
         g = torch.sparse_coo_tensor(flat.unsqueeze(0), values, ctx.shape, is_coalesced=False,
                                     check_invariants=False)
