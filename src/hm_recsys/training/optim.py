@@ -143,8 +143,9 @@ class RowSparseAdam(torch.optim.Optimizer):
         m_r += (1 - beta1) * (g_r - m_r);  v_r += (1 - beta2) * (g_r^2 - v_r)
         p_r -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m_r / (sqrt(v_r) + eps)
 
-    where t counts this optimizer's steps (as in SparseAdam). Each table is
-    gathered, updated in contiguous (rows, dim) buffers and written back; every
+    where t counts this optimizer's steps (as in SparseAdam). Each table's rows
+    are gathered into contiguous (rows, dim) buffers, updated there by torch's
+    fused Adam kernel (``_update``) and written back; every
     write goes to distinct rows, so it needs none of deterministic mode's
     sorting (``_distinct_rows``).
     """
@@ -186,23 +187,27 @@ class RowSparseAdam(torch.optim.Optimizer):
 
 
 def _update(p: torch.Tensor, state: dict, group: dict) -> None:
-    """One table's lazy Adam update on the rows its gradient touched (no grad, deterministic mode off: see step)."""
+    """One table's lazy Adam update on the rows its gradient touched (no grad, deterministic mode off: see step).
+
+    The touched rows of the parameter and both moments are gathered into
+    contiguous buffers and updated by torch's fused Adam kernel (one pass
+    instead of nine elementwise ops). Its update is ``lr / bc1 * m / (sqrt(v)
+    / sqrt(bc2) + eps')``; with ``eps' = eps / sqrt(bc2)`` that is SparseAdam's
+    ``lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps)``.
+    """
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     rows, g = _summed_rows(p.grad)
     if rows.numel() == 0:
         return
     t = state["step"]
-    m = state["exp_avg"].index_select(0, rows).lerp_(g, 1.0 - beta1)
-    v = state["exp_avg_sq"].index_select(0, rows).lerp_(g.square_(), 1.0 - beta2)
-    step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-    # sqrt(max(v, tiny)) + eps == sqrt(v) + eps in float32 for every v >= 0 (sqrt(tiny) = 2^-63 is
-    # far below half an ulp of eps), and keeps zeros and subnormals off sqrt's slow path
-    denom = v.clamp_min(_TINY).sqrt_().add_(eps)
-    new = p.index_select(0, rows).add_(m.div(denom).mul_(-step_size))
+    m = state["exp_avg"].index_select(0, rows)
+    v = state["exp_avg_sq"].index_select(0, rows)
+    new = p.index_select(0, rows)
+    torch._fused_adam_([new], [g], [m], [v], [], [torch.tensor(float(t))], lr=lr, beta1=beta1, beta2=beta2,
+                       weight_decay=0.0, eps=eps / math.sqrt(1.0 - beta2 ** t), amsgrad=False, maximize=False)
     state["exp_avg"].index_copy_(0, rows, m)
     state["exp_avg_sq"].index_copy_(0, rows, v)
     p.index_copy_(0, rows, new)
-
 
 
 @contextlib.contextmanager
