@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,18 +146,16 @@ def _dense_bags(idx: torch.Tensor, weights: torch.Tensor, tables: list[torch.Ten
     table, but the backward is one small matrix product per table instead of
     sorting B * L indices (which dominated a training step on CPU for
     attribute tables of ~10-300 rows). The (B, V_k) weights of all tables are
-    built in one buffer by one ``index_add_``.
+    built in one buffer by one compiled pass over the real slots
+    (``kernels.bag_weights``; ``index_add_`` took ~2 ms a full-scale step).
     """
-    b = idx.shape[0]
-    widths = [p + 1 for p in pads]
+    from hm_recsys.kernels import bag_weights
+
     starts = [0]
-    for w_ in widths:
-        starts.append(starts[-1] + w_)
-    total = starts[-1]
-    w = torch.zeros(b, total, dtype=tables[0].dtype)
-    # flat position of (b, l, k): b * total + start_k + idx[b, l, k]; index_put_(accumulate=True) would sort
-    flat = idx.add(torch.tensor(starts[:-1])).add_(torch.arange(0, b * total, total).view(b, 1, 1)).reshape(-1)
-    w.view(-1).index_add_(0, flat, weights.unsqueeze(2).expand_as(idx).reshape(-1).to(w.dtype))
+    for p in pads:
+        starts.append(starts[-1] + p + 1)
+    w = torch.from_numpy(bag_weights(idx.numpy(), weights.to(tables[0].dtype).numpy(), np.asarray(starts[:-1]),
+                                     starts[-1]))
     return [w[:, s:s + p] @ t[:p] for s, p, t in zip(starts, pads, tables)]
 
 
@@ -168,7 +167,8 @@ class _SmallLookups(torch.autograd.Function):
     index's row through its own TensorIterator call (~0.3 ms for a 2048-row
     batch): with ~20 tables that was more than the towers' hidden layers.
     Here the tables are stacked, read with one ``index_select`` and their
-    gradients summed with one ``index_add_``: the same rows in the same
+    gradients summed in one compiled pass (``kernels.add_rows``, the same
+    sums as ``index_add_``, whose CPU scatter goes a scalar at a time): the same rows in the same
     (index) order, so the gradients are bit for bit ``nn.Embedding``'s; the
     padding rows' stay zero.
     """
@@ -184,8 +184,10 @@ class _SmallLookups(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         flat, pads = ctx.saved_tensors
+        from hm_recsys.kernels import add_rows
+
         g = torch.zeros((sum(ctx.rows), grad.shape[1] // len(ctx.rows)), dtype=grad.dtype)
-        g.index_add_(0, flat, grad.reshape(flat.numel(), -1))
+        add_rows(g.numpy(), flat.numpy(), grad.contiguous().reshape(flat.numel(), -1).numpy())  # index_add_, bit for bit
         g[pads] = 0.0
         return (None, None, None, *g.split(ctx.rows))
 
@@ -244,15 +246,10 @@ class _SparseBag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, pad: int,  # type: ignore[override]
                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, length = idx.shape
-        is_real = idx != pad
-        real = is_real.reshape(-1).nonzero().squeeze(1)
-        flat = idx.reshape(-1).index_select(0, real)
-        w = weights.reshape(-1).index_select(0, real).to(weight.dtype)
-        counts = is_real.sum(1)
-        offsets = torch.cumsum(counts, 0).sub_(counts)
-        out = F.embedding_bag(flat, weight, offsets, mode="sum", per_sample_weights=w)
-        bags = torch.repeat_interleave(torch.arange(b), counts)
+        from hm_recsys.kernels import real_slots
+
+        flat, w, offsets, bags = (torch.from_numpy(a) for a in real_slots(idx.numpy(), weights.numpy(), pad))
+        out = F.embedding_bag(flat, weight, offsets, mode="sum", per_sample_weights=w.to(weight.dtype))
         real_rows = (rows != pad).nonzero().squeeze(1)  # as nn.Embedding: the padding row gets no gradient
         ctx.save_for_backward(flat, w, bags, rows, real_rows)
         ctx.shape = weight.shape
@@ -260,12 +257,14 @@ class _SparseBag(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_rows: torch.Tensor):  # type: ignore[override]
+        from hm_recsys.kernels import bag_gradient
+
         flat, w, bags, rows, real_rows = ctx.saved_tensors
-        values = grad.index_select(0, bags).mul_(w.unsqueeze(1))
-        if real_rows.numel():
-            if real_rows.numel() < rows.numel():
-                rows, grad_rows = rows.index_select(0, real_rows), grad_rows.index_select(0, real_rows)
-            flat, values = torch.cat([flat, rows]), torch.cat([values, grad_rows])
+        if real_rows.numel() < rows.numel():
+            rows, grad_rows = rows.index_select(0, real_rows), grad_rows.index_select(0, real_rows)
+        values = torch.from_numpy(bag_gradient(grad.contiguous().numpy(), bags.numpy(), w.numpy(),
+                                               grad_rows.contiguous().numpy()))
+        flat = torch.cat([flat, rows]) if rows.numel() else flat
         g = torch.sparse_coo_tensor(flat.unsqueeze(0), values, ctx.shape, is_coalesced=False,
                                     check_invariants=False)
         return g, None, None, None, None

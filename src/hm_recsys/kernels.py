@@ -1,0 +1,143 @@
+"""Compiled loops (numba) for the training step's scattered row updates.
+
+On CPU, torch runs ``index_add_`` through its generic scatter kernel, one
+scalar at a time (~1 ms for 35k rows of 16 floats, ~5 ns an element), and a
+lazy Adam update needs a dozen ops a table: find the touched rows, sum their
+duplicates, gather the parameter and both moments, update, scatter all three
+back. Each loop here makes one pass instead: no temporary tables, no sort.
+
+Every loop is serial and visits its input in order, so its result is the
+same at any thread count and on every run: sums of duplicate rows are taken
+in index order (as ``index_add_`` does on CPU, so ``add_rows`` is bit for bit
+``index_add_``). Compiled on first use and cached next to this file
+(``__pycache__``; ``NUMBA_CACHE_DIR`` moves it), so later processes load it.
+
+The arrays are the tensors' own memory (``tensor.numpy()``): the callers hand
+over contiguous CPU tensors and bump a parameter's autograd version
+themselves after writing it.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
+
+
+@numba.njit(**_JIT)
+def add_rows(out: np.ndarray, index: np.ndarray, src: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``out[index[i]] += src[i]`` for each i in order (``out.index_add_(0, index, src)``); 1-D or 2-D."""
+    if out.ndim == 1:
+        for i in range(index.shape[0]):
+            out[index[i]] += src[i]
+    else:
+        d = out.shape[1]
+        for i in range(index.shape[0]):
+            r = index[i]
+            for j in range(d):
+                out[r, j] += src[i, j]
+
+
+@numba.njit(**_JIT)
+def lazy_adam(param: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, index: np.ndarray,
+              values: np.ndarray, slot: np.ndarray, one_minus_beta1: np.float32, one_minus_beta2: np.float32,
+              step_size: np.float32, eps: np.float32) -> int:  # pragma: no cover (compiled)
+    """SparseAdam's update of the rows a COO gradient ``(index, values)`` touches; returns how many.
+
+    A row's gradient is the sum of its values in index order. Then, for each
+    touched row r (float32 throughout, like the torch ops it replaces)::
+
+        m_r += (1 - beta1) * (g_r - m_r);  v_r += (1 - beta2) * (g_r^2 - v_r)
+        p_r -= step_size * m_r / (sqrt(v_r) + eps),  step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+
+    ``slot`` is caller-owned scratch, ``int32`` of the table's length, all
+    ``-1``; it is left all ``-1`` again (only touched entries are reset).
+    """
+    n, d = index.shape[0], values.shape[1]
+    rows = np.empty(n, np.int64)
+    acc = np.empty((n, d), np.float32)
+    touched = 0
+    for i in range(n):
+        r = index[i]
+        s = slot[r]
+        if s < 0:
+            slot[r] = touched
+            rows[touched] = r
+            for j in range(d):
+                acc[touched, j] = values[i, j]
+            touched += 1
+        else:
+            for j in range(d):
+                acc[s, j] += values[i, j]
+    for k in range(touched):
+        r = rows[k]
+        slot[r] = -1
+        for j in range(d):
+            g = acc[k, j]
+            m = exp_avg[r, j]
+            m += one_minus_beta1 * (g - m)
+            v = exp_avg_sq[r, j]
+            v += one_minus_beta2 * (g * g - v)
+            exp_avg[r, j] = m
+            exp_avg_sq[r, j] = v
+            param[r, j] -= step_size * m / (np.sqrt(v) + eps)
+    return touched
+
+
+@numba.njit(**_JIT)
+def bag_weights(index: np.ndarray, weights: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:  # pragma: no cover
+    """``out[b, starts[k] + index[b, l, k]] += weights[b, l]``: the (B, width) bag-weight rows of K small tables.
+
+    Visits (b, l, k) in that order, skipping zero weights (padding slots):
+    the sums are ``index_add_``'s over the flattened slots, bit for bit.
+    """
+    n, length, k = index.shape
+    out = np.zeros((n, width), np.float32)
+    for b in range(n):
+        for slot in range(length):
+            w = weights[b, slot]
+            if w == 0:
+                continue
+            for t in range(k):
+                out[b, starts[t] + index[b, slot, t]] += w
+    return out
+
+
+@numba.njit(**_JIT)
+def real_slots(index: np.ndarray, weights: np.ndarray, pad: int):  # pragma: no cover (compiled)
+    """The non-padding slots of (B, L) history bags, in (b, l) order: ``(rows, weights, bag starts, bag of each)``.
+
+    ``rows``/``weights`` are the slots' table rows and weights, ``starts[b]``
+    where bag b's slots begin (``F.embedding_bag``'s offsets), ``bag[i]`` the
+    bag slot i belongs to.
+    """
+    n, length = index.shape
+    rows = np.empty(n * length, np.int64)
+    w = np.empty(n * length, np.float32)
+    bag = np.empty(n * length, np.int64)
+    starts = np.empty(n, np.int64)
+    c = 0
+    for b in range(n):
+        starts[b] = c
+        for slot in range(length):
+            r = index[b, slot]
+            if r != pad:
+                rows[c] = r
+                w[c] = weights[b, slot]
+                bag[c] = b
+                c += 1
+    return rows[:c], w[:c], starts, bag[:c]
+
+
+@numba.njit(**_JIT)
+def bag_gradient(grad: np.ndarray, bag: np.ndarray, w: np.ndarray, extra: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Rows ``grad[bag[i]] * w[i]`` for each slot, then the rows of ``extra``: a sparse gradient's values."""
+    n, d = bag.shape[0], grad.shape[1]
+    out = np.empty((n + extra.shape[0], d), np.float32)
+    for i in range(n):
+        b, wi = bag[i], w[i]
+        for j in range(d):
+            out[i, j] = grad[b, j] * wi
+    out[n:] = extra
+    return out
