@@ -192,34 +192,46 @@ class _SmallLookups(torch.autograd.Function):
         return (None, None, None, *g.split(ctx.rows))
 
 
-def _embedded(tables: nn.ModuleDict, specs: tuple[FeatureSpec, ...], cats: torch.Tensor,
-              read: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """``[table(cats[:, i])]`` per feature (``read[name]`` where already read); in training, each run of
-    consecutive small tables of one width is read as one part by ``_SmallLookups`` (same values)."""
-    if not torch.is_grad_enabled():
-        return [tables[s.name](cats[:, i]) for i, s in enumerate(specs)]
+def _runs(tables: nn.ModuleDict, specs: tuple[FeatureSpec, ...]) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(i, j, offsets, pads)`` per part of a training lookup: features ``i:j`` are one run of consecutive small
+    (dense-gradient, trainable) tables of one width, read together (``offsets``/``pads``: each table's first and
+    padding row in the stacked tables), or one other feature (``j = i + 1``, no offsets)."""
 
     def small(i: int) -> bool:
         t = tables[specs[i].name]
         return not t.sparse and t.weight.requires_grad and t.padding_idx is not None
 
-    parts, i = [], 0
+    out, i, none = [], 0, torch.zeros(0, dtype=torch.int64)
     while i < len(specs):
         j = i + 1
         if small(i):
             while j < len(specs) and small(j) and specs[j].dim == specs[i].dim:
                 j += 1
+        if j - i == 1:
+            out.append((i, j, none, none))
+        else:
+            run = [tables[s.name] for s in specs[i:j]]
+            offsets = torch.cumsum(torch.tensor([0] + [t.num_embeddings for t in run]), 0)[:-1]
+            out.append((i, j, offsets, offsets + torch.tensor([t.padding_idx for t in run])))
+        i = j
+    return out
+
+
+def _embedded(tables: nn.ModuleDict, specs: tuple[FeatureSpec, ...], cats: torch.Tensor,
+              read: dict[str, torch.Tensor], runs: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+              ) -> list[torch.Tensor]:
+    """``[table(cats[:, i])]`` per feature (``read[name]`` where already read); in training, each run of
+    consecutive small tables of one width (``_runs``) is read as one part by ``_SmallLookups`` (same values)."""
+    if not torch.is_grad_enabled():
+        return [tables[s.name](cats[:, i]) for i, s in enumerate(specs)]
+    parts = []
+    for i, j, offsets, pads in runs:
         if specs[i].name in read:
             parts.append(read[specs[i].name])
         elif j - i == 1:
             parts.append(tables[specs[i].name](cats[:, i]))
         else:
-            run = [tables[s.name] for s in specs[i:j]]
-            rows = torch.tensor([0] + [t.num_embeddings for t in run])
-            offsets = torch.cumsum(rows, 0)[:-1]
-            pads = offsets + torch.tensor([t.padding_idx for t in run])
-            parts.append(_SmallLookups.apply(cats[:, i:j], offsets, pads, *(t.weight for t in run)))
-        i = j
+            parts.append(_SmallLookups.apply(cats[:, i:j], offsets, pads, *(tables[s.name].weight for s in specs[i:j])))
     return parts
 
 
@@ -290,6 +302,15 @@ class TwoTower(nn.Module):
         d_article = sum(s.dim for s in config.article)
         self.customer_mlp = _mlp(d_customer, config.customer_layers, config.output_dim, config.dropout)
         self.article_mlp = _mlp(d_article, config.article_layers, config.output_dim, config.dropout)
+        self._lookup_runs: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
+
+    def _runs_of(self, tower: str) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """The tower's training lookup parts (``_runs``), built once per set of trainable tables."""
+        tables = self.customer_tables if tower == "customer" else self.article_tables
+        key = (tower, tuple(t.weight.requires_grad for t in tables.values()))
+        if key not in self._lookup_runs:
+            self._lookup_runs[key] = _runs(tables, getattr(self.config, tower))
+        return self._lookup_runs[key]
 
     def _history_table(self, name: str) -> nn.Embedding:
         return self.history_tables[name] if name in self.history_tables else self.article_tables[name]
@@ -332,7 +353,7 @@ class TwoTower(nn.Module):
 
     def _customer(self, cats: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor,
                   bags: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts: list[torch.Tensor | None] = [*_embedded(self.customer_tables, self.config.customer, cats, {})]
+        parts: list[torch.Tensor | None] = [*_embedded(self.customer_tables, self.config.customer, cats, {}, self._runs_of("customer"))]
         first = len(parts)
         small = []  # training, small tables: the cheaper backward of _dense_bags (same values)
         for j, s in enumerate(self.config.history):
@@ -356,7 +377,7 @@ class TwoTower(nn.Module):
         return F.normalize(self.customer_mlp(torch.cat(parts, dim=1)), dim=1)
 
     def _article(self, cats: torch.Tensor, read: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = _embedded(self.article_tables, self.config.article, cats, read)
+        parts = _embedded(self.article_tables, self.config.article, cats, read, self._runs_of("article"))
         return F.normalize(self.article_mlp(torch.cat(parts, dim=1)), dim=1)
 
     @staticmethod

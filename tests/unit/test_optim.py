@@ -135,7 +135,7 @@ def test_keep_freed_memory_applies_on_glibc():
 def test_small_table_lookups_match_nn_embedding_bit_for_bit():
     """Training reads a run of small tables as one lookup: the values and every table's gradient are nn.Embedding's,
     padding rows included (no gradient)."""
-    from hm_recsys.model import _embedded
+    from hm_recsys.model import _embedded, _runs
 
     torch.manual_seed(5)
     specs = (FeatureSpec("age", 6, 3), FeatureSpec("club", 4, 3), FeatureSpec("colour", 9, 3))
@@ -143,7 +143,7 @@ def test_small_table_lookups_match_nn_embedding_bit_for_bit():
                                   for s in specs})
     cats = torch.stack([torch.randint(0, s.cardinality + 1, (64,)) for s in specs], 1)  # duplicates and padding
     upstream = torch.randn(64, 9)
-    (got,) = _embedded(tables, specs, cats, {})
+    (got,) = _embedded(tables, specs, cats, {}, _runs(tables, specs))
     (got * upstream).sum().backward()
     ours = [t.weight.grad.clone() for t in tables.values()]
     for t in tables.values():
