@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hm_recsys.arrays import score_buffer, scores_into
 from hm_recsys.features import (
     ARTICLE_ATTRIBUTES,
     CUSTOMER_CATEGORICAL,
@@ -265,12 +266,9 @@ class Recommender:
             raise ValueError(f"k must be >= 1, got {k}")
         rows_out = np.empty((n, k), dtype=np.int64)
         scores_out = np.empty((n, k), dtype=np.float32)
-        # one score buffer for every chunk: a fresh (1024, 105k) product is a new 430 MB mapping whose pages
-        # fault in on first write, which took 2/3 of the product's time at full scale (252 -> 88 ms a chunk)
-        buffer = np.empty((min(chunk, n), emb.shape[0]), dtype=np.float32)
+        buffer = score_buffer(min(chunk, n), emb)  # one for every chunk (see scores_into)
         for s in range(0, n, chunk):
-            block = np.asarray(queries[s:s + chunk], dtype=np.float32)
-            scores = np.matmul(block, emb.T, out=buffer[:block.shape[0]])
+            scores = scores_into(np.asarray(queries[s:s + chunk], dtype=np.float32), emb, buffer)
             if exclude_rows is not None:
                 for i, ex in enumerate(exclude_rows[s:s + chunk]):
                     if len(ex):

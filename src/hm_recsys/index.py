@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hm_recsys.arrays import score_buffer, scores_into
 from hm_recsys.fsutil import file_sha256, staged_dir
 
 FORMAT_VERSION = 1
@@ -113,13 +114,14 @@ class ExactIndex:
         step = max(1, self._CHUNK_FLOATS // len(self.article_ids))
         if q.shape[0] <= step:
             return self._search_chunk(q, k)
-        parts = [self._search_chunk(q[s : s + step], k) for s in range(0, q.shape[0], step)]
+        buffer = score_buffer(step, self.embeddings)
+        parts = [self._search_chunk(q[s : s + step], k, buffer) for s in range(0, q.shape[0], step)]
         return np.concatenate([r for r, _ in parts]), np.concatenate([s for _, s in parts])
 
-    def _search_chunk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_chunk(self, q: np.ndarray, k: int, buffer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        scores = q @ self.embeddings.T  # (n, N)
+        scores = scores_into(q, self.embeddings, buffer)  # (n, N)
         if k < scores.shape[1]:
             top = torch.topk(torch.from_numpy(scores), k, dim=1)  # ~10x faster than np.argpartition here
             part, part_scores = top.indices.numpy(), top.values.numpy()
@@ -428,11 +430,12 @@ def _exact_hits(queries: np.ndarray, emb: np.ndarray, pair_q: np.ndarray, pair_r
     ks = [min(int(k), n_art) for k in ks]
     out = np.zeros((pair_q.size, len(ks)), dtype=bool)
     step = max(1, ExactIndex._CHUNK_FLOATS // n_art)
+    buffer = score_buffer(min(step, queries.shape[0]), emb)
     for s in range(0, queries.shape[0], step):
         at = np.flatnonzero((pair_q >= s) & (pair_q < s + step))
         if not at.size:
             continue
-        scores = queries[s:s + step] @ emb.T
+        scores = scores_into(queries[s:s + step], emb, buffer)
         # the k-th highest score of each query, per k (~10x faster than np.partition on (1200, 55k))
         kth = torch.topk(torch.from_numpy(scores), max(ks), dim=1, sorted=True).values.numpy()
         q, r = pair_q[at] - s, pair_r[at]
