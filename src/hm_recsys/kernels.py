@@ -10,11 +10,14 @@ Every loop is serial and visits its input in order, so its result is the
 same at any thread count and on every run: sums of duplicate rows are taken
 in index order (as ``index_add_`` does on CPU, so ``add_rows`` is bit for bit
 ``index_add_``). Compiled on first use and cached next to this file
-(``__pycache__``; ``NUMBA_CACHE_DIR`` moves it), so later processes load it.
+(``__pycache__``; ``NUMBA_CACHE_DIR`` moves it), so later processes load it;
+where no cache location is writable each process compiles its own (~1-3 s a
+kernel).
 
-The arrays are the tensors' own memory (``tensor.numpy()``): the callers hand
-over contiguous CPU tensors and bump a parameter's autograd version
-themselves after writing it.
+The arrays are the CPU tensors' own memory (``tensor.numpy()``; strided
+views are fine); callers bump a parameter's autograd version themselves
+after writing it. Indices are not bounds-checked: they come from tensors
+that torch has already used to index the same tables.
 """
 
 from __future__ import annotations
@@ -22,10 +25,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
+_JIT = {"nogil": True, "error_model": "numpy", "boundscheck": False}
 
 
-@numba.njit(**_JIT)
+def _compiled(f):
+    """``numba.njit`` with an on-disk cache, or without one where no cache location is writable."""
+    try:
+        return numba.njit(cache=True, **_JIT)(f)
+    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install, no NUMBA_CACHE_DIR)
+        return numba.njit(cache=False, **_JIT)(f)
+
+
+@_compiled
 def add_rows(out: np.ndarray, index: np.ndarray, src: np.ndarray) -> None:  # pragma: no cover (compiled)
     """``out[index[i]] += src[i]`` for each i in order (``out.index_add_(0, index, src)``); 1-D or 2-D."""
     if out.ndim == 1:
@@ -39,7 +50,7 @@ def add_rows(out: np.ndarray, index: np.ndarray, src: np.ndarray) -> None:  # pr
                 out[r, j] += src[i, j]
 
 
-@numba.njit(**_JIT)
+@_compiled
 def lazy_adam(param: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, index: np.ndarray,
               values: np.ndarray, slot: np.ndarray, one_minus_beta1: np.float32, one_minus_beta2: np.float32,
               step_size: np.float32, eps: np.float32) -> int:  # pragma: no cover (compiled)
@@ -56,7 +67,7 @@ def lazy_adam(param: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, in
     """
     n, d = index.shape[0], values.shape[1]
     rows = np.empty(n, np.int64)
-    acc = np.empty((n, d), np.float32)
+    acc = np.empty((n, d), values.dtype)
     touched = 0
     for i in range(n):
         r = index[i]
@@ -85,7 +96,7 @@ def lazy_adam(param: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, in
     return touched
 
 
-@numba.njit(**_JIT)
+@_compiled
 def bag_weights(index: np.ndarray, weights: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:  # pragma: no cover
     """``out[b, starts[k] + index[b, l, k]] += weights[b, l]``: the (B, width) bag-weight rows of K small tables.
 
@@ -93,7 +104,7 @@ def bag_weights(index: np.ndarray, weights: np.ndarray, starts: np.ndarray, widt
     the sums are ``index_add_``'s over the flattened slots, bit for bit.
     """
     n, length, k = index.shape
-    out = np.zeros((n, width), np.float32)
+    out = np.zeros((n, width), weights.dtype)
     for b in range(n):
         for slot in range(length):
             w = weights[b, slot]
@@ -104,7 +115,7 @@ def bag_weights(index: np.ndarray, weights: np.ndarray, starts: np.ndarray, widt
     return out
 
 
-@numba.njit(**_JIT)
+@_compiled
 def real_slots(index: np.ndarray, weights: np.ndarray, pad: int):  # pragma: no cover (compiled)
     """The non-padding slots of (B, L) history bags, in (b, l) order: ``(rows, weights, bag starts, bag of each)``.
 
@@ -114,7 +125,7 @@ def real_slots(index: np.ndarray, weights: np.ndarray, pad: int):  # pragma: no 
     """
     n, length = index.shape
     rows = np.empty(n * length, np.int64)
-    w = np.empty(n * length, np.float32)
+    w = np.empty(n * length, weights.dtype)
     bag = np.empty(n * length, np.int64)
     starts = np.empty(n, np.int64)
     c = 0
@@ -130,11 +141,11 @@ def real_slots(index: np.ndarray, weights: np.ndarray, pad: int):  # pragma: no 
     return rows[:c], w[:c], starts, bag[:c]
 
 
-@numba.njit(**_JIT)
+@_compiled
 def bag_gradient(grad: np.ndarray, bag: np.ndarray, w: np.ndarray, extra: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Rows ``grad[bag[i]] * w[i]`` for each slot, then the rows of ``extra``: a sparse gradient's values."""
     n, d = bag.shape[0], grad.shape[1]
-    out = np.empty((n + extra.shape[0], d), np.float32)
+    out = np.empty((n + extra.shape[0], d), grad.dtype)
     for i in range(n):
         b, wi = bag[i], w[i]
         for j in range(d):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,9 @@ def _dense_bags(idx: torch.Tensor, weights: torch.Tensor, tables: list[torch.Ten
     table, but the backward is one small matrix product per table instead of
     sorting B * L indices (which dominated a training step on CPU for
     attribute tables of ~10-300 rows). The (B, V_k) weights of all tables are
-    built in one buffer by one compiled pass over the real slots
-    (``kernels.bag_weights``; ``index_add_`` took ~2 ms a full-scale step).
+    built in one buffer by one compiled pass that skips zero weights (the
+    padding slots; ``kernels.bag_weights``; ``index_add_`` took ~2 ms a
+    full-scale step).
     """
     from hm_recsys.kernels import bag_weights
 
@@ -182,6 +184,7 @@ class _SmallLookups(torch.autograd.Function):
         return torch.cat(weights).index_select(0, flat).reshape(idx.shape[0], -1)
 
     @staticmethod
+    @once_differentiable  # the gradient is computed outside autograd (compiled loops)
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         flat, pads = ctx.saved_tensors
         from hm_recsys.kernels import add_rows
@@ -268,6 +271,7 @@ class _SparseBag(torch.autograd.Function):
         return out, weight.index_select(0, rows)
 
     @staticmethod
+    @once_differentiable  # the gradient is computed outside autograd (compiled loops)
     def backward(ctx, grad: torch.Tensor, grad_rows: torch.Tensor):  # type: ignore[override]
         from hm_recsys.kernels import bag_gradient
 
@@ -307,6 +311,8 @@ class TwoTower(nn.Module):
     def _runs_of(self, tower: str) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """The tower's training lookup parts (``_runs``), built once per set of trainable tables."""
         tables = self.customer_tables if tower == "customer" else self.article_tables
+        if not torch.is_grad_enabled():  # inference reads table by table (_embedded)
+            return []
         key = (tower, tuple(t.weight.requires_grad for t in tables.values()))
         if key not in self._lookup_runs:
             self._lookup_runs[key] = _runs(tables, getattr(self.config, tower))
@@ -353,7 +359,8 @@ class TwoTower(nn.Module):
 
     def _customer(self, cats: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor,
                   bags: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts: list[torch.Tensor | None] = [*_embedded(self.customer_tables, self.config.customer, cats, {}, self._runs_of("customer"))]
+        parts: list[torch.Tensor | None] = [*_embedded(self.customer_tables, self.config.customer, cats, {},
+                                                                self._runs_of("customer"))]
         first = len(parts)
         small = []  # training, small tables: the cheaper backward of _dense_bags (same values)
         for j, s in enumerate(self.config.history):

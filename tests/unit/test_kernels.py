@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hm_recsys.kernels import add_rows, bag_weights, lazy_adam
+from hm_recsys.kernels import _compiled, add_rows, bag_weights, lazy_adam
 
 
 def test_add_rows_is_index_add_bit_for_bit():
@@ -60,3 +60,9 @@ def test_lazy_adam_updates_touched_rows_only_and_resets_its_scratch():
     # first step of Adam: m / sqrt(v) = g / |g| * sqrt(0.1^2 / 0.001), so each entry moves by step_size * 3.162
     np.testing.assert_allclose(p0[[1, 4, 8]] - p[[1, 4, 8]], 0.01 * np.sign(g[[1, 4, 8]]) * 0.1 / np.sqrt(0.001),
                                rtol=1e-4)
+
+
+def test_compiled_falls_back_to_no_cache_where_none_can_be_written():
+    namespace: dict = {}
+    exec("def twice(x):\n    return 2 * x\n", namespace)  # no source file: numba has no cache locator for it
+    assert _compiled(namespace["twice"])(21) == 42

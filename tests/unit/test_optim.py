@@ -83,6 +83,20 @@ def test_row_sparse_adam_matches_torch_sparse_adam_over_steps():
     torch.testing.assert_close(v, opt_ref.state[ref]["exp_avg_sq"], rtol=1e-5, atol=1e-7)
 
 
+def test_row_sparse_adam_steps_after_a_copy():
+    import copy
+
+    p = torch.nn.Parameter(torch.zeros(60, 4))
+    opt = RowSparseAdam([p], lr=0.05)
+    p.grad = _sparse_problem(0)
+    opt.step()
+    twin = copy.deepcopy({"p": p, "opt": opt})
+    for q, o in ((p, opt), (twin["p"], twin["opt"])):
+        q.grad = _sparse_problem(1)
+        o.step()
+    assert torch.equal(p.data, twin["p"].data)
+
+
 def test_row_sparse_adam_refuses_dense_gradients():
     p = torch.nn.Parameter(torch.zeros(3, 2))
     p.grad = torch.ones(3, 2)

@@ -156,7 +156,6 @@ class RowSparseAdam(torch.optim.Optimizer):
         if lr <= 0 or eps <= 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid RowSparseAdam settings: lr={lr}, betas={betas}, eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self._slots: dict[int, np.ndarray] = {}  # per table: lazy_adam's scratch (all -1 between steps)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -180,9 +179,16 @@ class RowSparseAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
-                if id(p) not in self._slots:
-                    self._slots[id(p)] = np.full(p.shape[0], -1, dtype=np.int32)
-                _update(p, state, group, self._slots[id(p)])
+                _update(p, state, group, self._slot(p))
+
+    def _slot(self, p: torch.Tensor) -> np.ndarray:
+        """``lazy_adam``'s scratch for ``p``: int32, one per row, all -1 between steps (not part of the state:
+        rebuilt after a copy or a load)."""
+        slots = self.__dict__.setdefault("_slots", {})
+        slot = slots.get(id(p))
+        if slot is None or slot.shape[0] != p.shape[0]:
+            slot = slots[id(p)] = np.full(p.shape[0], -1, dtype=np.int32)
+        return slot
 
     def state_tensors(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, second) moment tables of ``p``, shaped like it (zeros before its first step)."""
