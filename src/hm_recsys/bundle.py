@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hm_recsys.arrays import score_buffer, scores_into
+from hm_recsys.arrays import score_buffer, scores_into, top_k
 from hm_recsys.features import (
     ARTICLE_ATTRIBUTES,
     CUSTOMER_CATEGORICAL,
@@ -259,7 +259,6 @@ class Recommender:
             ``(rows int64 (n, k'), scores float32 (n, k'))``, best first, ties by
             article row; ``k' = min(k, n_articles)``.
         """
-        torch = self._torch
         emb = self.article_embeddings()
         n, k = queries.shape[0], min(int(k), emb.shape[0])
         if k < 1:
@@ -273,11 +272,7 @@ class Recommender:
                 for i, ex in enumerate(exclude_rows[s:s + chunk]):
                     if len(ex):
                         scores[i, np.asarray(ex, dtype=np.int64)] = -np.inf
-            # torch.topk is ~15x faster than np.argpartition on (1024, 105k) rows
-            top, part = (t.numpy() for t in torch.topk(torch.from_numpy(scores), k, dim=1))
-            order = np.lexsort((part, -top), axis=1)  # equal scores: lower article row first
-            rows_out[s:s + chunk] = np.take_along_axis(part, order, axis=1)
-            scores_out[s:s + chunk] = np.take_along_axis(top, order, axis=1)
+            rows_out[s:s + chunk], scores_out[s:s + chunk] = top_k(scores, k)  # equal scores: lower row first
         return rows_out, scores_out
 
     def recommend_rows(self, customer_ids: Sequence[str], k: int = 12, exclude_purchased: bool = False,

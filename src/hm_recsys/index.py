@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hm_recsys.arrays import score_buffer, scores_into
+from hm_recsys.arrays import score_buffer, scores_into, top_k
 from hm_recsys.fsutil import file_sha256, staged_dir
 
 FORMAT_VERSION = 1
@@ -119,25 +119,9 @@ class ExactIndex:
         return np.concatenate([r for r, _ in parts]), np.concatenate([s for _, s in parts])
 
     def _search_chunk(self, q: np.ndarray, k: int, buffer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        scores = scores_into(q, self.embeddings, buffer)  # (n, N)
-        if k < scores.shape[1]:
-            top = torch.topk(torch.from_numpy(scores), k, dim=1)  # ~10x faster than np.argpartition here
-            part, part_scores = top.indices.numpy(), top.values.numpy()
-            kth = part_scores[:, -1:]
-            # a query whose k-th score ties rows left out: its top-k is the lowest rows among the tied
-            for i in np.flatnonzero((scores == kth).sum(1) > (part_scores == kth).sum(1)):
-                keep = np.flatnonzero(scores[i] >= kth[i, 0])
-                part[i] = keep[np.lexsort((keep, -scores[i, keep]))[:k]]
-                part_scores[i] = scores[i, part[i]]
-        else:
-            part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-            part_scores = np.take_along_axis(scores, part, axis=1)
-        # Ties broken by row so the exact answer is deterministic.
-        order = np.lexsort((part, -part_scores), axis=1)
-        rows = np.take_along_axis(part, order, axis=1).astype(np.int64)
-        return rows, np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+        # exact, ties broken by row so the answer is deterministic
+        rows, scores = top_k(scores_into(q, self.embeddings, buffer), k)
+        return rows, scores.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -419,13 +403,11 @@ def _exact_hits(queries: np.ndarray, emb: np.ndarray, pair_q: np.ndarray, pair_r
                 ks: Sequence[int]) -> np.ndarray:
     """``bool (P, len(ks))``: is row ``pair_r[p]`` in ``ExactIndex``'s top-k of query ``pair_q[p]``, per k.
 
-    One matmul and one ``torch.topk`` of the scores (values only) per chunk of
-    queries instead of sorting every query's top-k. A row is in the top-k when
-    fewer than k rows beat it: a higher score, or the same score and a lower
-    row (the order ``ExactIndex`` sorts by).
+    One matmul and one ``arrays.top_k`` (for the k-th highest scores) per
+    chunk of queries. A row is in the top-k when fewer than k rows beat it: a
+    higher score, or the same score and a lower row (the order ``ExactIndex``
+    sorts by).
     """
-    import torch
-
     n_art = emb.shape[0]
     ks = [min(int(k), n_art) for k in ks]
     out = np.zeros((pair_q.size, len(ks)), dtype=bool)
@@ -436,8 +418,7 @@ def _exact_hits(queries: np.ndarray, emb: np.ndarray, pair_q: np.ndarray, pair_r
         if not at.size:
             continue
         scores = scores_into(queries[s:s + step], emb, buffer)
-        # the k-th highest score of each query, per k (~10x faster than np.partition on (1200, 55k))
-        kth = torch.topk(torch.from_numpy(scores), max(ks), dim=1, sorted=True).values.numpy()
+        kth = top_k(scores, max(ks))[1]  # the k-th highest score of each query, per k
         q, r = pair_q[at] - s, pair_r[at]
         own = scores[q, r]
         for j, k in enumerate(ks):

@@ -1,4 +1,4 @@
-"""Compiled loops (numba) for the training step's scattered row updates.
+"""Compiled loops (numba): the training step's scattered row updates, and exact top-k selection.
 
 On CPU, torch runs ``index_add_`` through its generic scatter kernel, one
 scalar at a time (~1 ms for 35k rows of 16 floats, ~5 ns an element), and a
@@ -152,3 +152,36 @@ def bag_gradient(grad: np.ndarray, bag: np.ndarray, w: np.ndarray, extra: np.nda
             out[i, j] = grad[b, j] * wi
     out[n:] = extra
     return out
+
+
+@numba.njit(**_JIT)
+def rows_at_least(scores: np.ndarray, threshold: np.ndarray, k: int):  # pragma: no cover (compiled)
+    """Each row's k highest scores, best first, equal scores by lower column: ``(columns int64, scores)``, (n, k).
+
+    Only the columns scoring at least ``threshold[i]`` are ranked, so the
+    threshold must be a lower bound of row i's k-th highest score
+    (``arrays.top_k`` takes the k-th highest of its block maxima). A row
+    where fewer than k columns reach it (NaN scores) is ranked whole.
+    """
+    n, m = scores.shape
+    cols = np.empty((n, k), np.int64)
+    vals = np.empty((n, k), scores.dtype)
+    cand = np.empty(m, np.int64)
+    for i in range(n):
+        row = scores[i]
+        t = threshold[i]
+        c = 0
+        for j in range(m):
+            if row[j] >= t:
+                cand[c] = j
+                c += 1
+        if c < k:
+            c = m
+            for j in range(m):
+                cand[j] = j
+        picked = cand[:c]
+        order = np.argsort(-row[picked], kind="mergesort")  # stable: ties keep the ascending columns
+        for p in range(k):
+            cols[i, p] = picked[order[p]]
+            vals[i, p] = row[cols[i, p]]
+    return cols, vals

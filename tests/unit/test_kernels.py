@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hm_recsys.arrays import top_k
 from hm_recsys.kernels import _compiled, add_rows, bag_weights, lazy_adam
 
 
@@ -60,6 +61,23 @@ def test_lazy_adam_updates_touched_rows_only_and_resets_its_scratch():
     # first step of Adam: m / sqrt(v) = g / |g| * sqrt(0.1^2 / 0.001), so each entry moves by step_size * 3.162
     np.testing.assert_allclose(p0[[1, 4, 8]] - p[[1, 4, 8]], 0.01 * np.sign(g[[1, 4, 8]]) * 0.1 / np.sqrt(0.001),
                                rtol=1e-4)
+
+
+def test_top_k_is_the_exact_top_k_with_ties_by_lower_column():
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        n, m, k = int(rng.integers(1, 12)), int(rng.integers(1, 4000)), int(rng.integers(1, 150))
+        scores = rng.standard_normal((n, m)).astype(np.float32)
+        if trial % 3 == 0:
+            scores = np.round(scores * 4) / 4  # many ties, also at the k-th place
+        if trial % 5 == 0:
+            scores[:, ::7] = -np.inf  # excluded articles
+        cols, vals = top_k(scores, k)
+        assert cols.shape == vals.shape == (n, min(k, m))
+        for i in range(n):
+            want = np.lexsort((np.arange(m), -scores[i]))[:min(k, m)]
+            assert np.array_equal(cols[i], want), trial
+            assert np.array_equal(vals[i], scores[i, want])
 
 
 def test_compiled_falls_back_to_no_cache_where_none_can_be_written():
