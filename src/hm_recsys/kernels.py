@@ -154,7 +154,7 @@ def bag_gradient(grad: np.ndarray, bag: np.ndarray, w: np.ndarray, extra: np.nda
     return out
 
 
-@numba.njit(**_JIT)
+@_compiled
 def rows_at_least(scores: np.ndarray, threshold: np.ndarray, k: int):  # pragma: no cover (compiled)
     """Each row's k highest scores, best first, equal scores by lower column: ``(columns int64, scores)``, (n, k).
 

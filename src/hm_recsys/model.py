@@ -169,10 +169,10 @@ class _SmallLookups(torch.autograd.Function):
     index's row through its own TensorIterator call (~0.3 ms for a 2048-row
     batch): with ~20 tables that was more than the towers' hidden layers.
     Here the tables are stacked, read with one ``index_select`` and their
-    gradients summed in one compiled pass (``kernels.add_rows``, the same
-    sums as ``index_add_``, whose CPU scatter goes a scalar at a time): the same rows in the same
-    (index) order, so the gradients are bit for bit ``nn.Embedding``'s; the
-    padding rows' stay zero.
+    gradients summed in one compiled pass (``kernels.add_rows``: the sums of
+    ``index_add_``, whose CPU scatter goes a scalar at a time): the same rows
+    in the same (index) order, so the gradients are bit for bit
+    ``nn.Embedding``'s; the padding rows' stay zero.
     """
 
     @staticmethod
@@ -310,9 +310,9 @@ class TwoTower(nn.Module):
 
     def _runs_of(self, tower: str) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """The tower's training lookup parts (``_runs``), built once per set of trainable tables."""
-        tables = self.customer_tables if tower == "customer" else self.article_tables
         if not torch.is_grad_enabled():  # inference reads table by table (_embedded)
             return []
+        tables = self.customer_tables if tower == "customer" else self.article_tables
         key = (tower, tuple(t.weight.requires_grad for t in tables.values()))
         if key not in self._lookup_runs:
             self._lookup_runs[key] = _runs(tables, getattr(self.config, tower))
@@ -359,8 +359,8 @@ class TwoTower(nn.Module):
 
     def _customer(self, cats: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor,
                   bags: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts: list[torch.Tensor | None] = [*_embedded(self.customer_tables, self.config.customer, cats, {},
-                                                                self._runs_of("customer"))]
+        runs = self._runs_of("customer")
+        parts: list[torch.Tensor | None] = [*_embedded(self.customer_tables, self.config.customer, cats, {}, runs)]
         first = len(parts)
         small = []  # training, small tables: the cheaper backward of _dense_bags (same values)
         for j, s in enumerate(self.config.history):

@@ -201,11 +201,7 @@ class RowSparseAdam(torch.optim.Optimizer):
 def _update(p: torch.Tensor, state: dict, group: dict, slot: np.ndarray) -> None:
     """One table's lazy Adam update on the rows its gradient touched, in one compiled pass (``kernels.lazy_adam``)."""
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    grad = p.grad
-    if grad.is_coalesced():
-        index, values = grad.indices()[0], grad.values()
-    else:
-        index, values = grad._indices()[0], grad._values()
+    index, values = p.grad._indices()[0], p.grad._values()  # coalesced or not: lazy_adam sums duplicates
     if index.numel() == 0:
         return
     t = state["step"]
