@@ -63,6 +63,29 @@ def test_lazy_adam_updates_touched_rows_only_and_resets_its_scratch():
                                rtol=1e-4)
 
 
+def test_lazy_adam_gives_the_same_rows_in_index_order_and_in_table_order():
+    """Few rows touched in a big table: visited in index order; most rows of a small one: in table order
+    (``kernels._DENSE``). The same rows with the same gradients must come out bit for bit the same."""
+    rng = np.random.default_rng(4)
+    big = rng.standard_normal((20_000, 16)).astype(np.float32)
+    rows = rng.choice(20_000, 40, replace=False)  # 40 * _DENSE < 20,000 rows: index order
+    index = rng.choice(rows, 300)  # duplicates, in no order
+    f = np.float32
+    small_of = {r: i for i, r in enumerate(sorted(rows))}  # the same rows packed in a 40-row table: table order
+    small = big[sorted(rows)].copy()
+    states = [(big, np.zeros_like(big), np.zeros_like(big), np.full(20_000, -1, np.int32), index),
+              (small, np.zeros_like(small), np.zeros_like(small), np.full(40, -1, np.int32),
+               np.array([small_of[r] for r in index]))]
+    for step in range(1, 4):  # moments non-zero from the second step on
+        values = rng.standard_normal((300, 16)).astype(np.float32)
+        for p, m, v, slot, idx in states:
+            assert lazy_adam(p, m, v, idx, values, slot, f(0.1), f(0.001), f(0.01 * step), f(1e-8)) == 40
+            assert (slot == -1).all()
+    (p1, m1, v1, *_), (p2, m2, v2, *_) = states
+    order = sorted(rows)
+    assert np.array_equal(p1[order], p2) and np.array_equal(m1[order], m2) and np.array_equal(v1[order], v2)
+
+
 def test_top_k_is_the_exact_top_k_with_ties_by_lower_column():
     rng = np.random.default_rng(3)
     for trial in range(30):
