@@ -772,14 +772,17 @@ class FeatureState:
             (padding = cardinality), ``weights float32 (n, L)`` (each row sums to
             1, or is all 0 without history).
         """
+        from hm_recsys.kernels import history_slots
+
         c = self.config
-        arts, days, n_items = history.lookup(customer_rows, c.history_length)
-        hist = history_table[np.where(arts < 0, history_table.shape[0] - 1, arts)]
+        start, n_items = history._positions(customer_rows)
+        n_items = np.minimum(n_items, c.history_length)
+        hist, days, real = history_slots(start, n_items, history.article_rows, history.days_ago,
+                                         np.ascontiguousarray(history_table), c.history_length)
         # 0.5 ** (days / half-life) from a table of the whole days present: the same float64 values as
         # computing the power per slot, ~3x faster (a training batch's 65k slots; the power dominated batching)
-        days = np.maximum(days, 0)
         halvings = np.power(0.5, np.arange(int(days.max(initial=0)) + 1) / c.history_half_life_days)
-        w = np.where(arts >= 0, halvings[days], 0.0)
+        w = np.where(real, halvings[days], 0.0)
         total = w.sum(axis=1, keepdims=True)
         w = np.divide(w, total, out=np.zeros_like(w), where=total > 0).astype(np.float32)
         static_names = self.static_customer_features

@@ -197,6 +197,33 @@ def test_customer_inputs_weights_and_padding_exact():
     assert cats.shape == (2, len(cfg.customer))
 
 
+def test_customer_inputs_match_the_numpy_lookup_bit_for_bit():
+    """The compiled history read (``kernels.history_slots``) against ``History.lookup`` and NumPy's gathers and
+    powers: longer histories than L, absent customers, repeats, an empty history, many half-lives."""
+    rng = np.random.default_rng(7)
+    cfg = FeatureConfig(history=("article_id", "product_type"), history_length=5, history_half_life_days=13.3)
+    state, tables = _state(cfg)
+    table = state.history_table(state.article_static(tables.articles))
+    static = state.customer_static(tables.customers)
+    for trial in range(20):
+        owners = np.sort(rng.choice(50, int(rng.integers(0, 30)), replace=False)).astype(np.int32)
+        lengths = rng.integers(1, 9, owners.size)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        hist = History(WED, owners, indptr, rng.integers(0, table.shape[0] - 1, indptr[-1]).astype(np.int32),
+                       rng.integers(1, 400, indptr[-1]).astype(np.int32))
+        rows = rng.integers(0, 60, 40)  # some without history, some repeated
+        cats, h, w = state.customer_inputs(static[np.minimum(rows, len(static) - 1)], hist, rows, table)
+        arts, days, n_items = hist.lookup(rows, cfg.history_length)
+        want_h = table[np.where(arts < 0, table.shape[0] - 1, arts)]
+        want_w = np.where(arts >= 0, np.power(0.5, np.maximum(days, 0) / cfg.history_half_life_days), 0.0)
+        total = want_w.sum(axis=1, keepdims=True)
+        want_w = np.divide(want_w, total, out=np.zeros_like(want_w), where=total > 0).astype(np.float32)
+        assert np.array_equal(h, want_h) and h.dtype == want_h.dtype, trial
+        assert np.array_equal(w, want_w) and w.dtype == np.float32, trial
+        hl = cfg.customer.index("history_length")
+        assert cats[:, hl].tolist() == [int(n).bit_length() for n in n_items], trial  # items read, at most L
+
+
 def test_state_save_load_round_trip(tmp_path):
     state, tables = _state()
     state.save(tmp_path / "f")
