@@ -345,26 +345,24 @@ class History:
         length = np.where(found, self.indptr[pos + 1] - self.indptr[pos], 0)
         return start.astype(np.int64), length.astype(np.int64)
 
-    def lookup(self, rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Padded history of customer ``rows``.
+    def slots(self, rows: np.ndarray, length: int, table: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``length`` history slots of customer ``rows``, as the customer tower reads them.
 
-        Returns ``(article_rows int64 (n, length), days_ago int32 (n, length),
-        n_items int64 (n,))``; padding is -1 in both arrays.
+        Returns ``(table rows (n, length, k), days_ago int32 (n, length),
+        real bool (n, length), n_items int64 (n,))``: each slot's row of
+        ``table`` (``(n_articles + 1, k)``, its last row the padding, read for
+        empty slots), its days ago (0 on empty slots), whether it holds an
+        article, and how many slots do (at most ``length``). One compiled pass
+        (``kernels.history_slots``).
         """
+        from hm_recsys.kernels import history_slots
+
         start, n_items = self._positions(rows)
         n_items = np.minimum(n_items, length)
-        n = start.size
-        arts = np.full((n, length), -1, dtype=np.int64)
-        days = np.full((n, length), -1, dtype=np.int32)
-        total = int(n_items.sum())
-        if total:
-            r = np.repeat(np.arange(n), n_items)
-            offsets = np.repeat(np.cumsum(n_items) - n_items, n_items)
-            c = np.arange(total) - offsets
-            src = np.repeat(start, n_items) + c
-            arts[r, c] = self.article_rows[src]
-            days[r, c] = self.days_ago[src]
-        return arts, days, n_items
+        hist, days, real = history_slots(start, n_items, self.article_rows, self.days_ago,
+                                         np.ascontiguousarray(table), length)
+        return hist, days, real, n_items
 
     def items(self, row: int) -> np.ndarray:
         """Article rows of one customer row, most recent first (empty if none)."""
@@ -772,13 +770,8 @@ class FeatureState:
             (padding = cardinality), ``weights float32 (n, L)`` (each row sums to
             1, or is all 0 without history).
         """
-        from hm_recsys.kernels import history_slots
-
         c = self.config
-        start, n_items = history._positions(customer_rows)
-        n_items = np.minimum(n_items, c.history_length)
-        hist, days, real = history_slots(start, n_items, history.article_rows, history.days_ago,
-                                         np.ascontiguousarray(history_table), c.history_length)
+        hist, days, real, n_items = history.slots(customer_rows, c.history_length, history_table)
         # 0.5 ** (days / half-life) from a table of the whole days present: the same float64 values as
         # computing the power per slot, ~3x faster (a training batch's 65k slots; the power dominated batching)
         halvings = np.power(0.5, np.arange(int(days.max(initial=0)) + 1) / c.history_half_life_days)

@@ -121,9 +121,10 @@ def test_history_window_keeps_last_distinct_articles_before_as_of():
     assert h.items(0).tolist() == [9, 6]
     assert h.entry(0)[1].tolist() == [1, 3]
     assert h.items(1).tolist() == [7] and h.items(2).tolist() == []
-    arts, days, n = h.lookup(np.array([1, 2, 0]), length=3)
-    assert arts.tolist() == [[7, -1, -1], [-1, -1, -1], [9, 6, -1]]
-    assert days.tolist() == [[10, -1, -1], [-1, -1, -1], [1, 3, -1]]
+    articles, days, real, n = h.slots(np.array([1, 2, 0]), 3, np.arange(11)[:, None])  # padding: row 10
+    assert articles[:, :, 0].tolist() == [[7, 10, 10], [10, 10, 10], [9, 6, 10]]
+    assert days.tolist() == [[10, 0, 0], [0, 0, 0], [1, 3, 0]]
+    assert real.tolist() == [[True, False, False], [False] * 3, [True, True, False]]
     assert n.tolist() == [1, 0, 2]
     sub = h.subset(np.array([1, 1, 4]))
     assert sub.customer_rows.tolist() == [1] and sub.items(1).tolist() == [7]
@@ -197,9 +198,22 @@ def test_customer_inputs_weights_and_padding_exact():
     assert cats.shape == (2, len(cfg.customer))
 
 
+def _numpy_lookup(h: History, rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The NumPy history read that ``History.slots`` replaced: (article rows, days, n_items), -1 padding."""
+    start, n_items = h._positions(rows)
+    n_items = np.minimum(n_items, length)
+    arts = np.full((start.size, length), -1, dtype=np.int64)
+    days = np.full((start.size, length), -1, dtype=np.int32)
+    r = np.repeat(np.arange(start.size), n_items)
+    c = np.arange(int(n_items.sum())) - np.repeat(np.cumsum(n_items) - n_items, n_items)
+    src = np.repeat(start, n_items) + c
+    arts[r, c], days[r, c] = h.article_rows[src], h.days_ago[src]
+    return arts, days, n_items
+
+
 def test_customer_inputs_match_the_numpy_lookup_bit_for_bit():
-    """The compiled history read (``kernels.history_slots``) against ``History.lookup`` and NumPy's gathers and
-    powers: longer histories than L, absent customers, repeats, an empty history, many half-lives."""
+    """The compiled history read (``History.slots``) against the NumPy lookup, gathers and powers it replaced:
+    longer histories than L, absent customers, repeats, an empty history."""
     rng = np.random.default_rng(7)
     cfg = FeatureConfig(history=("article_id", "product_type"), history_length=5, history_half_life_days=13.3)
     state, tables = _state(cfg)
@@ -213,7 +227,7 @@ def test_customer_inputs_match_the_numpy_lookup_bit_for_bit():
                        rng.integers(1, 400, indptr[-1]).astype(np.int32))
         rows = rng.integers(0, 60, 40)  # some without history, some repeated
         cats, h, w = state.customer_inputs(static[np.minimum(rows, len(static) - 1)], hist, rows, table)
-        arts, days, n_items = hist.lookup(rows, cfg.history_length)
+        arts, days, n_items = _numpy_lookup(hist, rows, cfg.history_length)
         want_h = table[np.where(arts < 0, table.shape[0] - 1, arts)]
         want_w = np.where(arts >= 0, np.power(0.5, np.maximum(days, 0) / cfg.history_half_life_days), 0.0)
         total = want_w.sum(axis=1, keepdims=True)
